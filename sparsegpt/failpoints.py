@@ -1,0 +1,27 @@
+"""Named crash points for the kill-and-resume tests: `SPARSEGPT_FAILPOINT=name[:n]` SIGKILLs this process the
+n-th time (default 1st) execution passes `failpoint(name)`. Unset (always, outside tests) it costs one dict lookup.
+
+Points: prune/layer (after a decoder layer is pruned), finetune/step (after an optimizer step),
+save/before-rename (an HF folder fully written but not yet renamed into place).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_hits: Counter = Counter()  # per-process pass counts; only ever touched when the variable is set
+
+
+def failpoint(name: str) -> None:
+    """Kill this process with SIGKILL if SPARSEGPT_FAILPOINT names this point and its count is reached."""
+    spec = os.environ.get("SPARSEGPT_FAILPOINT")
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    if target != name:
+        return
+    _hits[name] += 1
+    if _hits[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
