@@ -1,0 +1,359 @@
+"""Calibration driver: run the model one decoder layer at a time, collect each layer's Hessians through
+forward hooks, prune its linears, and feed the *pruned* layer's outputs to the next layer.
+
+The inputs of layer 0 (and whatever keyword arguments the model passes its layers: masks, position ids,
+rotary cos/sin, alibi, ...) are captured by running the model's own forward until a pre-hook on layer 0
+stops it, so no per-family driver code is needed. Only the current layer is moved to `device`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
+
+from sparsegpt import allocation
+from sparsegpt.architectures import (decoder_layers, family_of, final_modules, prunable_linears,
+                                     set_weight_from_linear, weight_as_linear)
+from sparsegpt.baselines import PRUNERS
+from sparsegpt.errors import UserError
+from sparsegpt.masks import MaskSet
+from sparsegpt.solver import inverse_hessian_factor, prune_with_factor, reconstruction_error
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "owl")
+SOLVER_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how; `dtype` is the solver's compute dtype (the model keeps its own)."""
+
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    prune_n: int = 0
+    prune_m: int = 0
+    blocksize: int = 128
+    percdamp: float = 0.01
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    include: str | None = None
+    exclude: str | None = None
+    batch_size: int = 8
+    offload_activations: bool = False
+    shared_hessian: bool = True
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        """Raise UserError on the first bad field."""
+        if self.method not in PRUNERS:
+            raise UserError(f"method {self.method!r} is unknown; choose one of {sorted(PRUNERS)}")
+        if self.prune_n or self.prune_m:
+            if not 0 < self.prune_n < self.prune_m:
+                raise UserError(f"N:M needs 0 < N < M, got {self.prune_n}:{self.prune_m} (e.g. 2:4)")
+            if self.allocation != "uniform":
+                raise UserError("N:M sparsity fixes every layer's sparsity; use allocation 'uniform' with it")
+        elif not 0 <= self.sparsity < 1:
+            raise UserError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.allocation not in ALLOCATIONS:
+            raise UserError(f"allocation {self.allocation!r} is unknown; choose one of {list(ALLOCATIONS)}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in SOLVER_DTYPES:
+            raise UserError(f"solver dtype {self.dtype!r} is unknown; choose one of {list(SOLVER_DTYPES)}")
+
+    @property
+    def target(self) -> float:
+        """The overall target sparsity (N/M for N:M)."""
+        return self.prune_n / self.prune_m if self.prune_m else self.sparsity
+
+
+@dataclass
+class PruneResult:
+    """The masks of the pruned linears, per-linear stats ({name, layer, target, sparsity, seconds, error})."""
+
+    masks: MaskSet
+    stats: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Batch:
+    """One batch of inputs to a decoder layer: hidden states plus the other arguments the model passes."""
+
+    hidden: Tensor
+    args: tuple
+    kwargs: dict
+
+
+class _Captured(Exception):
+    """Raised by the layer-0 pre-hook to stop the model's forward once the layer's inputs are recorded."""
+
+
+def _to(obj, device):
+    """Move tensors inside (nested) tuples/lists/dicts to device."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _no_cache(obj):
+    """Replace KV caches by None: calibration forwards never read or fill one."""
+    return None if isinstance(obj, Cache) else obj
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _progress_disabled() -> bool:
+    return os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
+
+
+def _check_uniform_layer_kwargs(model: nn.Module) -> None:
+    """Layer-0 arguments are reused for every layer: refuse models whose layers get different masks."""
+    types = set(getattr(model.config, "layer_types", None) or ())
+    if len(types) > 1:
+        raise UserError(f"model mixes attention types {sorted(types)} across layers (e.g. sliding window); "
+                        "layer-by-layer calibration supports models whose layers all use one attention type")
+
+
+def _capture_layer_inputs(model: nn.Module, input_ids: Tensor, *, batch_size: int,
+                         store_device: torch.device | str) -> list[_Batch]:
+    """Run the model's own forward per batch until decoder layer 0 and keep what layer 0 receives."""
+    _check_uniform_layer_kwargs(model)
+    if input_ids.ndim != 2:
+        raise UserError(f"input ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
+    batches: list[_Batch] = []
+
+    def hook(module, args, kwargs):
+        if not args:
+            raise TypeError(f"{type(module).__name__} got no positional hidden_states; cannot capture its inputs")
+        kwargs = {k: _no_cache(v) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        batches.append(_Batch(args[0].to(store_device), _to(tuple(_no_cache(a) for a in args[1:]), store_device),
+                              _to(kwargs, store_device)))
+        raise _Captured
+
+    embed_device = model.get_input_embeddings().weight.device
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in input_ids.split(batch_size):
+            try:
+                model(ids.to(embed_device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return batches
+
+
+def _forward(layer: nn.Module, batch: _Batch, device) -> Tensor:
+    """One decoder layer's output hidden states for one batch."""
+    out = layer(batch.hidden.to(device), *_to(batch.args, device), **_to(batch.kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_layer(layer: nn.Module, batches: list[_Batch], device, store_device) -> list[_Batch]:
+    """Forward every batch through one layer; the outputs become the next layer's inputs."""
+    return [replace(b, hidden=_forward(layer, b, device).to(store_device)) for b in batches]
+
+
+def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, ...], ...],
+                  share: bool) -> list[list[str]]:
+    """Group a layer's linears by shared input (family table), each remaining linear alone."""
+    groups, grouped = [], set()
+    for members in shared if share else ():
+        group = [layer_prefix + m for m in members if layer_prefix + m in names]
+        if group:
+            groups.append(group)
+            grouped.update(group)
+    return groups + [[n] for n in names if n not in grouped]
+
+
+def _accumulate(layer, batches, linears, groups, device, *, diag_only: bool) -> dict[str, Tensor]:
+    """One forward of the layer with a pre-hook per input group; returns per group leader
+    H = 2/N Σ xxᵀ (float32), or only its diagonal when diag_only."""
+    sums, counts, handles = {}, {}, []
+    for group in groups:
+        leader = group[0]
+        cols = weight_as_linear(linears[leader]).shape[1]
+        sums[leader] = torch.zeros((cols,) if diag_only else (cols, cols), dtype=torch.float32, device=device)
+        counts[leader] = 0
+
+        def hook(module, args, leader=leader):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            if diag_only:
+                sums[leader] += x.square().sum(0)
+            else:
+                sums[leader].addmm_(x.t(), x)
+            counts[leader] += x.shape[0]
+
+        handles.append(linears[leader].register_forward_pre_hook(hook))
+    try:
+        for b in batches:
+            _forward(layer, b, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v * (2.0 / counts[k]) for k, v in sums.items()}
+
+
+def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Module]]:
+    """Per decoder layer, its prunable linears by qualified name."""
+    prefix = family_of(model).layers_path
+    all_linears = prunable_linears(model, cfg.include, cfg.exclude)
+    if not all_linears:
+        raise UserError(f"no prunable linears match include={cfg.include!r} exclude={cfg.exclude!r}")
+    per_layer = [{} for _ in decoder_layers(model)]
+    for name, module in all_linears.items():
+        per_layer[int(name[len(prefix) + 1:].split(".")[0])][name] = module
+    return per_layer
+
+
+def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device) -> dict[int, float]:
+    """Per-layer sparsity: uniform, or OWL from a dense pass measuring |W|·‖x‖ outliers."""
+    if cfg.allocation == "uniform":
+        return allocation.uniform(list(range(len(per_layer))), cfg.target)
+    family, layers = family_of(model), decoder_layers(model)
+    ratios, floors = {}, {}
+    for i, layer in enumerate(tqdm(layers, desc="owl: outlier ratios", disable=_progress_disabled())):
+        linears = per_layer[i]
+        dev = device or _module_device(layer)
+        home = _module_device(layer)
+        layer.to(dev)
+        if linears:
+            groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs, True)
+            diags = _accumulate(layer, calib, linears, groups, dev, diag_only=True)
+            members = [(n, g[0]) for g in groups for n in g]
+            ratios[i] = allocation.outlier_ratio([weight_as_linear(linears[n]) for n, _ in members],
+                                                 [diags[leader].sqrt() for _, leader in members], cfg.owl_m)
+            floors[i] = _base_sparsity(base_masks, linears)
+        if i < len(layers) - 1:
+            calib = _run_layer(layer, calib, dev, store_device)
+        layer.to(home)
+    targets = allocation.owl(ratios, cfg.target, lam=cfg.owl_lambda, floors=floors)
+    log.info("OWL per-layer targets: %s", {i: round(t, 4) for i, t in targets.items()})
+    return targets
+
+
+def _base_sparsity(base_masks: MaskSet | None, linears: dict[str, nn.Module]) -> float:
+    if base_masks is None:
+        return 0.0
+    pruned = sum(int(base_masks.masks[n].sum()) for n in linears)
+    return pruned / sum(base_masks.masks[n].numel() for n in linears)
+
+
+def _check_base_masks(base_masks: MaskSet | None, per_layer: list[dict], model: nn.Module) -> None:
+    if base_masks is None:
+        return
+    base_masks.check_shapes(model)
+    missing = [n for linears in per_layer for n in linears if n not in base_masks.masks]
+    if missing:
+        raise UserError(f"base masks have no entry for {missing[0]} (and {len(missing) - 1} more); "
+                        "prune the same linears (--include/--exclude) in every stage")
+
+
+def _solve_group(group, linears, hessian, target, cfg, base_masks, layer_idx, masks, stats) -> None:
+    """Prune the linears that share one Hessian; SparseGPT factors it once for the whole group."""
+    dtype = getattr(torch, cfg.dtype)
+    t0 = time.perf_counter()
+    factor = inverse_hessian_factor(hessian, cfg.percdamp, dtype=dtype) if cfg.method == "sparsegpt" else None
+    shared_seconds = (time.perf_counter() - t0) / len(group)
+    for name in group:
+        t0 = time.perf_counter()
+        weight = weight_as_linear(linears[name])
+        base = None if base_masks is None else base_masks.masks[name].to(weight.device)
+        kw = dict(prune_n=cfg.prune_n, prune_m=cfg.prune_m, blocksize=cfg.blocksize, base_mask=base, dtype=dtype)
+        if factor is not None:
+            pruned, mask = prune_with_factor(weight, factor, target, **kw)
+        else:
+            pruned, mask = PRUNERS[cfg.method](weight, hessian, target, percdamp=cfg.percdamp, **kw)
+        error = reconstruction_error(weight, pruned, hessian)
+        set_weight_from_linear(linears[name], pruned)
+        masks[name] = mask.cpu()
+        seconds = time.perf_counter() - t0 + shared_seconds
+        sparsity = mask.float().mean().item()
+        stats.append(dict(name=name, layer=layer_idx, target=target, sparsity=sparsity, seconds=seconds,
+                          error=error))
+        log.info("%s: sparsity %.4f (target %.4f), reconstruction error %.4g, %.2fs",
+                 name, sparsity, target, error, seconds)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_masks: MaskSet | None = None,
+                device: torch.device | str | None = None) -> PruneResult:
+    """Prune the model's decoder linears in place, layer by layer, each calibrated on the pruned
+    predecessors' outputs; `device` None computes each layer where it lives."""
+    cfg.validate()
+    start = time.perf_counter()
+    family, layers = family_of(model), decoder_layers(model)
+    per_layer = _layer_linears(model, cfg)
+    _check_base_masks(base_masks, per_layer, model)
+    was_training = model.training
+    model.eval()
+    try:
+        store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
+        calib = _capture_layer_inputs(model, calib_ids, batch_size=cfg.batch_size, store_device=store_device)
+        targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device)
+        masks, stats = {}, []
+        bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
+        for i, layer in enumerate(bar):
+            linears = per_layer[i]
+            dev = device or _module_device(layer)
+            home = _module_device(layer)
+            layer.to(dev)
+            t0 = time.perf_counter()
+            groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
+                                   cfg.shared_hessian)
+            hessians = _accumulate(layer, calib, linears, groups, dev, diag_only=False)
+            for group in groups:
+                _solve_group(group, linears, hessians[group[0]], targets[i], cfg, base_masks, i, masks, stats)
+            del hessians
+            if i < len(layers) - 1:
+                calib = _run_layer(layer, calib, dev, store_device)
+            layer.to(home)
+            log.info("layer %d pruned in %.2fs", i, time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def layerwise_hidden_states(model: nn.Module, input_ids: Tensor, *, device: torch.device | str,
+                            batch_size: int = 8, offload: bool = False) -> list[Tensor]:
+    """Final hidden states (after the final norm), per batch of `batch_size` rows, on CPU — computed one
+    decoder layer at a time on `device`, so models larger than the device can be evaluated."""
+    layers = decoder_layers(model)
+    store_device = "cpu" if offload else device
+    was_training = model.training
+    model.eval()
+    try:
+        batches = _capture_layer_inputs(model, input_ids, batch_size=batch_size, store_device=store_device)
+        for layer in tqdm(layers, desc="layerwise forward", disable=_progress_disabled()):
+            home = _module_device(layer)
+            layer.to(device)
+            batches = _run_layer(layer, batches, device, store_device)
+            layer.to(home)
+        hidden = [b.hidden for b in batches]
+        for module in final_modules(model):
+            home = _module_device(module)
+            module.to(device)
+            hidden = [module(h.to(device)).to(store_device) for h in hidden]
+            module.to(home)
+    finally:
+        model.train(was_training)
+    return [h.cpu() for h in hidden]
