@@ -226,8 +226,8 @@ def _require_lm_eval() -> None:
         raise UserError("lm-eval tasks need the lm-eval package: pip install 'sparsegpt[eval]'")
 
 
-def lm_eval_tasks(model: nn.Module, tokenizer, tasks: list[str], *, num_fewshot: int = 0, limit: int | float | None = None,
-                  include_path: str | None = None, batch_size: int = 1,
+def lm_eval_tasks(model: nn.Module, tokenizer, tasks: list[str], *, num_fewshot: int = 0,
+                  limit: int | float | None = None, include_path: str | None = None, batch_size: int = 1,
                   device: str | torch.device | None = None) -> dict[str, dict[str, float]]:
     """Run lm-eval tasks on the in-memory model: {task: {metric: value}}; ",none" filter suffixes dropped."""
     _require_lm_eval()

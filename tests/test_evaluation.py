@@ -138,7 +138,8 @@ def test_sparsity_report_matches_hand_built_masks():
     assert report["params_total"] == sum(p.numel() for p in model.parameters())
     assert report["params_total"] - report["params_nonzero"] == pruned
     groups_24 = sum(m.weight.numel() // 4 for m in linears)
-    ok_24 = sum(m.numel() // 4 for n, m in masks.items() if n.endswith("q_proj")) + model.model.layers[1].mlp.down_proj.weight.numel() // 8
+    down_w = model.model.layers[1].mlp.down_proj.weight
+    ok_24 = sum(m.numel() // 4 for n, m in masks.items() if n.endswith("q_proj")) + down_w.numel() // 8
     assert report["2:4"] == ok_24 / groups_24
 
     mask_set = MaskSet(masks)
@@ -194,17 +195,13 @@ def test_generate_samples_is_greedy(model, tokenizer):
     assert out == [{"prompt": "ab", "completion": tokenizer.decode(ids[0, 2:], skip_special_tokens=True)}]
 
 
-def test_perplexity_hook_uses_eval_ids(model, tokenizer, monkeypatch):
-    ids = windows(3, 12)
-    data = types.ModuleType("sparsegpt.data")  # stand-in until data.py lands: the hook must pass these through
-    calls = []
-    data.eval_ids = lambda source, tok, *, seqlen, split, max_windows: calls.append((source, seqlen, split, max_windows)) or ids
-    data.default_seqlen = lambda m, cap=2048: 12
-    monkeypatch.setitem(sys.modules, "sparsegpt.data", data)
-    metrics, errors = run_hooks(model, tokenizer, [{"type": "perplexity", "source": "stdlib-docs", "max_windows": 3}],
-                                HookContext(device="cpu"))
-    assert errors == {} and calls == [("stdlib-docs", 12, "test", 3)]
-    assert metrics == {"ppl/stdlib-docs": perplexity(model, ids)}
+def test_perplexity_hook_uses_eval_windows(model, tokenizer):
+    from sparsegpt.data import eval_ids
+
+    hook = {"type": "perplexity", "source": "stdlib-docs", "seqlen": 32, "max_windows": 3, "batch_size": 2}
+    metrics, errors = run_hooks(model, tokenizer, [hook], HookContext(device="cpu"))
+    expected = perplexity(model, eval_ids("stdlib-docs", tokenizer, seqlen=32, max_windows=3))
+    assert errors == {} and metrics == {"ppl/stdlib-docs": pytest.approx(expected, rel=1e-12)}
 
 
 @pytest.mark.parametrize("hooks, match", [
