@@ -75,7 +75,8 @@ def lm_head(model: nn.Module) -> nn.Module:
     return model.get_submodule(family_of(model).lm_head)
 
 
-def _compile(pattern: str | None, what: str) -> re.Pattern | None:
+def compile_filter(pattern: str | None, what: str) -> re.Pattern | None:
+    """Compile an --include/--exclude regex; UserError naming the flag when it is invalid."""
     if pattern is None:
         return None
     try:
@@ -88,7 +89,7 @@ def prunable_linears(module: nn.Module, include: str | None = None,
                      exclude: str | None = None) -> dict[str, nn.Module]:
     """Every nn.Linear / Conv1D inside the decoder layers (or inside `module` if it is not a whole model),
     by qualified name, filtered by regex `include` / `exclude` (re.search on the name)."""
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    inc, exc = compile_filter(include, "include"), compile_filter(exclude, "exclude")
     if isinstance(module, PreTrainedModel):
         path = family_of(module).layers_path
         named = ((f"{path}.{n}", m) for n, m in module.get_submodule(path).named_modules())

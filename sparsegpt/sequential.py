@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from sparsegpt import allocation
-from sparsegpt.architectures import (decoder_layers, family_of, final_modules, prunable_linears,
-                                     set_weight_from_linear, weight_as_linear)
+from sparsegpt.architectures import (compile_filter, decoder_layers, family_of, final_modules,
+                                     prunable_linears, set_weight_from_linear, weight_as_linear)
 from sparsegpt.baselines import PRUNERS
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
@@ -67,6 +67,8 @@ class PruneConfig:
             raise UserError(f"allocation {self.allocation!r} is unknown; choose one of {list(ALLOCATIONS)}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        compile_filter(self.include, "include")
+        compile_filter(self.exclude, "exclude")
         if self.dtype not in SOLVER_DTYPES:
             raise UserError(f"solver dtype {self.dtype!r} is unknown; choose one of {list(SOLVER_DTYPES)}")
 
@@ -78,11 +80,13 @@ class PruneConfig:
 
 @dataclass
 class PruneResult:
-    """The masks of the pruned linears, per-linear stats ({name, layer, target, sparsity, seconds, error})."""
+    """The masks of the pruned linears, per-linear stats ({name, layer, target, sparsity, seconds, error}),
+    wall seconds per decoder layer (forwards + solves) and in total."""
 
     masks: MaskSet
     stats: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    layer_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +120,12 @@ def _no_cache(obj):
 
 def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _synchronize(device) -> None:
+    """Wait for queued kernels so wall-clock timings are honest on CUDA."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _progress_disabled() -> bool:
@@ -309,14 +319,14 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
         store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
         calib = _capture_layer_inputs(model, calib_ids, batch_size=cfg.batch_size, store_device=store_device)
         targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device)
-        masks, stats = {}, []
+        masks, stats, layer_seconds = {}, [], []
         bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
         for i, layer in enumerate(bar):
             linears = per_layer[i]
+            t0 = time.perf_counter()
             dev = device or _module_device(layer)
             home = _module_device(layer)
             layer.to(dev)
-            t0 = time.perf_counter()
             groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
                                    cfg.shared_hessian)
             hessians = _accumulate(layer, calib, linears, groups, dev, diag_only=False)
@@ -326,10 +336,13 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             if i < len(layers) - 1:
                 calib = _run_layer(layer, calib, dev, store_device)
             layer.to(home)
-            log.info("layer %d pruned in %.2fs", i, time.perf_counter() - t0)
+            _synchronize(dev)
+            layer_seconds.append(time.perf_counter() - t0)
+            log.info("layer %d pruned in %.2fs", i, layer_seconds[-1])
     finally:
         model.train(was_training)
-    return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start)
+    return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start,
+                       layer_seconds=layer_seconds)
 
 
 @torch.no_grad()

@@ -9,23 +9,8 @@ from sparsegpt.architectures import (decoder_layers, family_of, final_modules, l
                                      set_weight_from_linear, weight_as_linear)
 from sparsegpt.errors import UserError
 
-torch.set_num_threads(1)
-VOCAB = 96
-_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=VOCAB)
-CONFIGS = {
-    "opt": lambda: T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                               vocab_size=VOCAB, word_embed_proj_dim=32, max_position_embeddings=64),
-    "bloom": lambda: T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB),
-    "llama": lambda: T.LlamaConfig(**_LLAMA),
-    "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                 bos_token_id=0, eos_token_id=0),
-    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, vocab_size=VOCAB),
-    "mistral": lambda: T.MistralConfig(**_LLAMA),
-    "qwen2": lambda: T.Qwen2Config(**_LLAMA),
-}
 FIVE = ("opt", "bloom", "llama", "gpt2", "gpt_neox")
+LLAMA_LIKE = {"mistral": T.MistralConfig, "qwen2": T.Qwen2Config}
 PER_LAYER = {
     "opt": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"},
     "bloom": {"self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"},
@@ -36,35 +21,42 @@ PER_LAYER = {
 }
 
 
-def tiny_model(kind: str, seed: int = 0) -> nn.Module:
-    """A 2-layer random causal LM of the given model_type, float32, eval mode."""
-    torch.manual_seed(seed)
-    return T.AutoModelForCausalLM.from_config(CONFIGS[kind]()).eval()
+@pytest.fixture
+def any_model(make_tiny_model):
+    """any_model(kind): conftest's tiny model of a family, or a tiny llama-like (mistral, qwen2)."""
+    def make(kind):
+        if kind in LLAMA_LIKE:
+            return T.AutoModelForCausalLM.from_config(LLAMA_LIKE[kind](
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64)).eval()
+        return make_tiny_model(kind)
+
+    return make
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
-def test_family_layers_and_prunable_linears(kind):
-    model = tiny_model(kind)
+@pytest.mark.parametrize("kind", FIVE + tuple(LLAMA_LIKE))
+def test_family_layers_and_prunable_linears(any_model, kind):
+    model = any_model(kind)
     family = family_of(model)
     assert decoder_layers(model) is model.get_submodule(family.layers_path)
     assert len(decoder_layers(model)) == 2
     names = set(prunable_linears(model))
-    expected = PER_LAYER["llama" if kind in ("mistral", "qwen2") else kind]
+    expected = PER_LAYER["llama" if kind in LLAMA_LIKE else kind]
     assert names == {f"{family.layers_path}.{i}.{n}" for i in range(2) for n in expected}
     assert lm_head(model) is model.get_output_embeddings()
     assert all(isinstance(m, nn.Module) for m in final_modules(model)) and final_modules(model)
 
 
 @pytest.mark.parametrize("kind", FIVE)
-def test_shared_input_groups_really_read_one_input(kind):
-    model = tiny_model(kind)
+def test_shared_input_groups_really_read_one_input(make_tiny_model, kind):
+    model = make_tiny_model(kind)
     family = family_of(model)
     layer = decoder_layers(model)[1]
     seen = {}
     for group in family.shared_inputs:
         for name in group:
             layer.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0]))
-    model(torch.randint(0, VOCAB, (2, 7)))
+    model(torch.randint(0, model.config.vocab_size, (2, 7)))
     for group in family.shared_inputs:
         assert set(group) <= set(seen), f"{group} are not all linears of {kind}"
         for name in group[1:]:
@@ -72,14 +64,14 @@ def test_shared_input_groups_really_read_one_input(kind):
 
 
 def test_unknown_family_lists_supported():
-    model = T.AutoModelForCausalLM.from_config(T.GPTJConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB,
+    model = T.AutoModelForCausalLM.from_config(T.GPTJConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=64,
                                                             rotary_dim=4))
     with pytest.raises(UserError, match=r"'gptj' is not supported.*opt.*bloom.*llama.*gpt2.*gpt_neox"):
         family_of(model)
 
 
-def test_include_exclude_regex():
-    model = tiny_model("llama")
+def test_include_exclude_regex(make_tiny_model):
+    model = make_tiny_model("llama")
     mlp = prunable_linears(model, include=r"mlp\.")
     assert set(mlp) == {f"model.layers.{i}.mlp.{n}_proj" for i in range(2) for n in ("gate", "up", "down")}
     no_down = prunable_linears(model, include=r"\.1\.", exclude="down_proj|o_proj")
@@ -89,28 +81,28 @@ def test_include_exclude_regex():
         prunable_linears(model, include="(")
 
 
-def test_bare_module_names_are_relative():
-    layer = decoder_layers(tiny_model("gpt2"))[0]
+def test_bare_module_names_are_relative(make_tiny_model):
+    layer = decoder_layers(make_tiny_model("gpt2"))[0]
     assert set(prunable_linears(layer)) == PER_LAYER["gpt2"]
 
 
-def test_conv1d_weight_is_seen_as_out_in():
-    model = tiny_model("gpt2")
-    conv = model.get_submodule("transformer.h.0.mlp.c_fc")  # Conv1D(nf=4*32, nx=32): stored (32, 128)
+def test_conv1d_weight_is_seen_as_out_in(make_tiny_model):
+    model = make_tiny_model("gpt2")
+    conv = model.get_submodule("transformer.h.0.mlp.c_fc")  # Conv1D(nf=128, nx=64): stored (64, 128)
     w = weight_as_linear(conv)
-    assert w.shape == (128, 32)
-    x = torch.randn(3, 32)
+    assert w.shape == (128, 64)
+    x = torch.randn(3, 64)
     torch.testing.assert_close(nn.functional.linear(x, w, conv.bias), conv(x))
-    new = torch.randn(128, 32, dtype=torch.float64)
+    new = torch.randn(128, 64, dtype=torch.float64)
     set_weight_from_linear(conv, new)
     assert conv.weight.dtype == torch.float32
     torch.testing.assert_close(conv.weight, new.t().float())
-    with pytest.raises(UserError, match=r"\(32, 128\) does not match .* \(128, 32\)"):
+    with pytest.raises(UserError, match=r"\(64, 128\) does not match .* \(128, 64\)"):
         set_weight_from_linear(conv, new.t())
 
 
-def test_linear_weight_roundtrip():
-    lin = decoder_layers(tiny_model("opt"))[0].fc1
-    new = torch.randn(64, 32)
+def test_linear_weight_roundtrip(make_tiny_model):
+    lin = decoder_layers(make_tiny_model("opt"))[0].fc1
+    new = torch.randn(128, 64)
     set_weight_from_linear(lin, new)
     assert torch.equal(lin.weight, new) and torch.equal(weight_as_linear(lin), new)

@@ -1,21 +1,25 @@
 """Calibration driver on tiny random models of all five families: exact Hessians, propagation through the
 pruned layers, shared vs per-linear Hessians, base masks, OWL, N:M, and layer-by-layer hidden states."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
-from test_architectures import FIVE, VOCAB, tiny_model
+import transformers as T
+from test_architectures import FIVE
 
-from sparsegpt import allocation
+from sparsegpt import allocation, sequential
 from sparsegpt.architectures import decoder_layers, prunable_linears, weight_as_linear
+from sparsegpt.data import calibration_ids
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
+from sparsegpt.models import load_model
 from sparsegpt.sequential import PruneConfig, layerwise_hidden_states, prune_model
-from sparsegpt.solver import prune_matrix
+from sparsegpt.solver import prune_matrix, reconstruction_error
 
-torch.set_num_threads(1)
-NSAMPLES, SEQLEN, BATCH = 6, 12, 4  # an uneven last batch on purpose
+NSAMPLES, SEQLEN, BATCH = 6, 64, 4  # uneven last batch on purpose; 384 tokens > 256 cols: H full rank
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +27,8 @@ def _quiet(monkeypatch):
     monkeypatch.setenv("SPARSEGPT_NO_PROGRESS", "1")
 
 
-def calib(seed=1):
-    return torch.randint(0, VOCAB, (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(seed))
+def calib(seed=1, vocab=512):
+    return torch.randint(0, vocab, (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(seed))
 
 
 def record_layer_inputs(model):
@@ -39,8 +43,8 @@ def out_hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def layer0_reference(model, ids, cfg):
-    """Expected layer-0 weights: prune_matrix on H = 2/N Σ xxᵀ built in float64 from a dense full forward."""
+def layer0_reference(model, ids):
+    """Dense layer-0 weights and H = 2/N Σ xxᵀ in float64 from the model's own forward, per linear."""
     linears = {n: m for n, m in prunable_linears(model).items() if ".0." in n}
     xs = {n: [] for n in linears}
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
@@ -50,20 +54,28 @@ def layer0_reference(model, ids, cfg):
             model(batch)
     for h in handles:
         h.remove()
-    expected = {}
-    for n, m in linears.items():
-        x = torch.cat(xs[n]).double()
-        hessian = 2 / x.shape[0] * x.t() @ x
-        expected[n] = prune_matrix(weight_as_linear(m).clone(), hessian.float(), cfg.sparsity,
-                                   blocksize=cfg.blocksize)[0]
-    return expected
+    xs = {n: torch.cat(x).double() for n, x in xs.items()}
+    return {n: (weight_as_linear(m).clone(), 2 / len(xs[n]) * xs[n].t() @ xs[n]) for n, m in linears.items()}
+
+
+def spy_hessians(monkeypatch):
+    """Record the Hessian the driver used for each linear (reconstruction_error sees it), calling through."""
+    seen = []
+
+    def spy(w_old, w_new, hessian):
+        seen.append(hessian.clone())
+        return reconstruction_error(w_old, w_new, hessian)
+
+    monkeypatch.setattr(sequential, "reconstruction_error", spy)
+    return seen
 
 
 @pytest.mark.parametrize("kind", FIVE)
-def test_prune_end_to_end(kind):
-    model, ids = tiny_model(kind), calib()
+def test_prune_end_to_end(make_tiny_model, monkeypatch, kind):
+    model, ids = make_tiny_model(kind), calib()
     cfg = PruneConfig(sparsity=0.5, batch_size=BATCH, blocksize=16)
-    expected0 = layer0_reference(model, ids, cfg)
+    dense0 = layer0_reference(model, ids)
+    hessians = spy_hessians(monkeypatch)
     log, handles = record_layer_inputs(model)
     result = prune_model(model, ids, cfg)
     for h in handles:
@@ -78,8 +90,11 @@ def test_prune_end_to_end(kind):
         assert s["sparsity"] == 0.5 == mask.float().mean().item()
         assert s["error"] > 0 and s["seconds"] >= 0 and math.isfinite(s["error"])
         assert (weight_as_linear(linears[s["name"]])[mask] == 0).all()
-    for name, w in expected0.items():  # the hooks built the right Hessians (Conv1D layout, shared groups)
-        torch.testing.assert_close(weight_as_linear(linears[name]), w, rtol=1e-4, atol=1e-5)
+    used = {s["name"]: h for s, h in zip(result.stats, hessians)}
+    for name, (weight, hessian) in dense0.items():  # hooks built the right H; the solver got it and W
+        torch.testing.assert_close(used[name].double(), hessian, rtol=1e-5, atol=1e-6 * hessian.abs().max().item())
+        expected = prune_matrix(weight, used[name], cfg.sparsity, blocksize=cfg.blocksize)[0]
+        torch.testing.assert_close(weight_as_linear(linears[name]), expected, rtol=0, atol=0)
 
     nbatches = math.ceil(NSAMPLES / BATCH)
     layers = decoder_layers(model)
@@ -98,9 +113,9 @@ def test_prune_end_to_end(kind):
     assert torch.isfinite(logits).all()
 
 
-def test_shared_and_per_linear_hessians_agree():
+def test_shared_and_per_linear_hessians_agree(make_tiny_model):
     ids = calib()
-    shared, alone = tiny_model("llama"), tiny_model("llama")
+    shared, alone = make_tiny_model("llama"), make_tiny_model("llama")
     prune_model(shared, ids, PruneConfig(sparsity=0.6, batch_size=BATCH))
     prune_model(alone, ids, PruneConfig(sparsity=0.6, batch_size=BATCH, shared_hessian=False))
     for (name, a), b in zip(prunable_linears(shared).items(), prunable_linears(alone).values()):
@@ -108,8 +123,8 @@ def test_shared_and_per_linear_hessians_agree():
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
-def test_base_masks_never_revived(method):
-    model, ids = tiny_model("gpt2"), calib()
+def test_base_masks_never_revived(make_tiny_model, method):
+    model, ids = make_tiny_model("gpt2"), calib()
     first = prune_model(model, ids, PruneConfig(method=method, sparsity=0.5, batch_size=BATCH)).masks
     second = prune_model(model, ids, PruneConfig(method=method, sparsity=0.75, batch_size=BATCH),
                          base_masks=first).masks
@@ -118,16 +133,16 @@ def test_base_masks_never_revived(method):
         assert mask.float().mean().item() == 0.75
 
 
-def test_base_masks_must_cover_the_pruned_linears():
-    model = tiny_model("llama")
+def test_base_masks_must_cover_the_pruned_linears(make_tiny_model):
+    model = make_tiny_model("llama")
     partial = MaskSet({n: torch.zeros_like(weight_as_linear(m), dtype=torch.bool)
                        for n, m in prunable_linears(model, include="mlp").items()})
     with pytest.raises(UserError, match="base masks have no entry for model.layers.0.self_attn.q_proj"):
         prune_model(model, calib(), PruneConfig(batch_size=BATCH), base_masks=partial)
 
 
-def test_owl_targets_follow_dense_outlier_ratios():
-    model, ids = tiny_model("opt"), calib()
+def test_owl_targets_follow_dense_outlier_ratios(make_tiny_model):
+    model, ids = make_tiny_model("opt"), calib()
     cfg = PruneConfig(sparsity=0.6, allocation="owl", owl_lambda=0.1, owl_m=2.0, batch_size=BATCH)
     # reference: |W|·‖x‖ outlier ratios from the dense model's own forward, in float64
     linears = prunable_linears(model)
@@ -150,8 +165,8 @@ def test_owl_targets_follow_dense_outlier_ratios():
         assert s["sparsity"] == pytest.approx(s["target"], abs=1 / 64)
 
 
-def test_nm_every_group_of_m_has_n_zeros():
-    model = tiny_model("gpt_neox")
+def test_nm_every_group_of_m_has_n_zeros(make_tiny_model):
+    model = make_tiny_model("gpt_neox")
     result = prune_model(model, calib(), PruneConfig(prune_n=2, prune_m=4, batch_size=BATCH))
     for name, mask in result.masks.masks.items():
         assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), name
@@ -165,16 +180,69 @@ def test_nm_every_group_of_m_has_n_zeros():
     (PruneConfig(include="nothing_matches"), "no prunable linears match include='nothing_matches'"),
     (PruneConfig(dtype="float16"), "solver dtype 'float16' is unknown"),
 ])
-def test_bad_config_is_a_user_error(cfg, match):
+def test_bad_config_is_a_user_error(make_tiny_model, cfg, match):
     with pytest.raises(UserError, match=match):
-        prune_model(tiny_model("llama"), calib(), cfg)
+        prune_model(make_tiny_model("llama"), calib(), cfg)
 
 
 @pytest.mark.parametrize("kind", FIVE)
-def test_layerwise_hidden_states_match_the_model(kind):
-    model, ids = tiny_model(kind), calib()
+def test_layerwise_hidden_states_match_the_model(make_tiny_model, kind):
+    model, ids = make_tiny_model(kind), calib()
     hidden = layerwise_hidden_states(model, ids, device="cpu", batch_size=BATCH, offload=kind == "bloom")
     assert [h.shape[0] for h in hidden] == [4, 2]
     with torch.no_grad():
         expected = model.base_model(ids).last_hidden_state
     torch.testing.assert_close(torch.cat(hidden), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def prune_cli(monkeypatch):
+    """`sparsegpt prune ...` through the real dispatcher, with only the prune subcommand registered."""
+    from sparsegpt import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", ("prune",))
+    return lambda *argv: cli.main(["prune", *map(str, argv)])
+
+
+def test_cli_prune_then_prune_further(prune_cli, tiny_llama_dir, tmp_path):
+    common = ["--calib", "stdlib-docs", "--nsamples", 4, "--seqlen", 16, "--batch-size", 3,
+              "--device", "cpu", "--blocksize", 16]
+    first, second = tmp_path / "s50", tmp_path / "s75"
+    assert prune_cli("--model", tiny_llama_dir, "--sparsity", 0.5, *common, "--out", first) == 0
+    assert prune_cli("--model", first, "--method", "wanda", "--sparsity", 0.75, "--base-mask",
+                     first / "mask.safetensors", *common, "--out", second) == 0
+    for out, target in ((first, 0.5), (second, 0.75)):
+        report = json.loads((out / "sparsity.json").read_text())
+        assert report["sparsity"] == target and set(report["per_linear"].values()) == {target}
+        assert len(report["stats"]) == 14 and (out / "tokenizer.json").is_file()
+    # the CLI did what the library does on the same calibration sample
+    model, tokenizer = load_model(tiny_llama_dir)
+    prune_model(model, calibration_ids("stdlib-docs", tokenizer, nsamples=4, seqlen=16, seed=0),
+                PruneConfig(sparsity=0.5, batch_size=3, blocksize=16))
+    for name, param in T.AutoModelForCausalLM.from_pretrained(first).state_dict().items():
+        torch.testing.assert_close(param, model.state_dict()[name], rtol=0, atol=0, msg=name)
+    masks1, masks2 = MaskSet.load(first / "mask.safetensors"), MaskSet.load(second / "mask.safetensors")
+    model = T.AutoModelForCausalLM.from_pretrained(second)  # plain transformers
+    assert masks2.verify(model) == pytest.approx({n: 0.75 for n in masks2.masks})
+    for name, mask in masks2.masks.items():
+        assert (mask | ~masks1.masks[name]).all()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--nm", "2-4"], "--nm '2-4' is not N:M"),
+    (["--nm", "4:2"], "N:M needs 0 < N < M"),
+    (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\)"),
+    (["--sparsity", "0.5", "--nsamples", "0"], "--nsamples must be >= 1"),
+    (["--sparsity", "0.5", "--include", "("], "--include '\\(' is not a valid regular expression"),
+    (["--sparsity", "0.5", "--base-mask", "nope.safetensors"], "--base-mask nope.safetensors is not a file"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(prune_cli, tiny_llama_dir, tmp_path, capsys, argv, match):
+    out = tmp_path / "out"
+    code = prune_cli("--model", tiny_llama_dir, "--calib", "stdlib-docs", *argv, "--out", out)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and re.search(match, errors[0]) and not out.exists()
+
+
+def test_cli_refuses_a_non_empty_out(prune_cli, tiny_llama_dir, capsys):
+    code = prune_cli("--model", tiny_llama_dir, "--calib", "c4", "--sparsity", 0.5, "--out", tiny_llama_dir)
+    assert code == 2 and "already exists and is not an empty folder" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""One-shot prune a causal LM (SparseGPT, Wanda or magnitude) and save it as a Hugging Face folder.
+
+The output folder holds the pruned model (safetensors + tokenizer), `mask.safetensors` (1 bit per weight)
+and `sparsity.json` (overall and per-linear sparsity, per-linear time and reconstruction error).
+
+examples:
+  sparsegpt prune --model smollm2-135m --sparsity 0.5 --calib stdlib-docs --nsamples 32 --seqlen 256 --out out/s50
+  sparsegpt prune --model facebook/opt-125m --method wanda --nm 2:4 --calib c4 --out out/opt-2of4
+  sparsegpt prune --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --allocation owl --calib c4 \\
+      --nsamples 128 --seqlen 2048 --offload-activations --dtype float16 --device cuda --out out/l7b-owl70
+  # a further stage that never revives what the first pruned:
+  sparsegpt prune --model out/s50 --base-mask out/s50/mask.safetensors --sparsity 0.8 --calib c4 --out out/s80
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sparsegpt.errors import UserError
+
+HELP = "one-shot prune a model to a target sparsity (SparseGPT / Wanda / magnitude)"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `sparsegpt prune`."""
+    p.add_argument("--model", required=True, help="hub name, local HF folder, GGUF file or alias (smollm2-135m)")
+    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="unstructured target, e.g. 0.7")
+    target.add_argument("--nm", metavar="N:M", help="semi-structured N of every M weights pruned, e.g. 2:4")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="per-layer targets")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: per-layer targets span target ± lambda")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier = |W|·‖x‖ above M × its layer mean")
+    p.add_argument("--calib", required=True, help="calibration text: wikitext2, c4, ptb, stdlib-docs or a .txt/.jsonl")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--seqlen", type=int, help="tokens per sequence (default: the model's context, capped at 2048)")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT columns per lazy-update block")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H)")
+    p.add_argument("--include", help="regex: prune only linears whose name matches (e.g. 'mlp\\.')")
+    p.add_argument("--exclude", help="regex: skip linears whose name matches (e.g. 'layers\\.0\\.')")
+    p.add_argument("--base-mask", type=Path, help="mask.safetensors of an earlier stage: its zeros stay zero")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per layer forward")
+    p.add_argument("--offload-activations", action="store_true", help="keep layer inputs on CPU between layers")
+    p.add_argument("--per-linear-hessian", action="store_true",
+                   help="one Hessian per linear instead of one per shared input (q/k/v, gate/up); slower, same result")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where each decoder layer is pruned (the rest of the model stays on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--dtype", default="auto", help="model weight dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"], help="SparseGPT math dtype")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
+
+
+def _parse_nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--nm {text!r} is not N:M; write e.g. --nm 2:4") from None
+    return n, m
+
+
+def _config(args: argparse.Namespace):
+    from sparsegpt.sequential import PruneConfig
+
+    n, m = _parse_nm(args.nm) if args.nm else (0, 0)
+    cfg = PruneConfig(method=args.method, sparsity=args.sparsity if args.nm is None else n / m, prune_n=n,
+                      prune_m=m, blocksize=args.blocksize, percdamp=args.percdamp, allocation=args.allocation,
+                      owl_lambda=args.owl_lambda, owl_m=args.owl_m, include=args.include, exclude=args.exclude,
+                      batch_size=args.batch_size, offload_activations=args.offload_activations,
+                      shared_hessian=not args.per_linear_hessian, dtype=args.solver_dtype)
+    cfg.validate()
+    return cfg
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.nsamples < 1:
+        raise UserError(f"--nsamples must be >= 1, got {args.nsamples}")
+    if args.seqlen is not None and args.seqlen < 1:
+        raise UserError(f"--seqlen must be >= 1, got {args.seqlen}")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise UserError(f"--out {args.out} already exists and is not an empty folder; choose a new one")
+    if args.base_mask is not None and not args.base_mask.is_file():
+        raise UserError(f"--base-mask {args.base_mask} is not a file; pass the mask.safetensors of the earlier stage")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, calibrate, prune, verify, and write the folder atomically."""
+    from sparsegpt.data import calibration_ids, default_seqlen
+    from sparsegpt.masks import MaskSet
+    from sparsegpt.models import load_model, save_model
+    from sparsegpt.sequential import prune_model
+
+    cfg = _config(args)
+    _check_args(args)
+    base = MaskSet.load(args.base_mask) if args.base_mask is not None else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    seqlen = args.seqlen or default_seqlen(model)
+    calib = calibration_ids(args.calib, tokenizer, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed)
+    result = prune_model(model, calib, cfg, base_masks=base, device=args.device)
+    per_linear = result.masks.verify(model)
+    report = {"model": args.model, "method": cfg.method, "target": cfg.target, "nm": args.nm,
+              "allocation": cfg.allocation, "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
+              "sparsity": result.masks.sparsity(), "per_linear": per_linear, "stats": result.stats,
+              "seconds": result.seconds}
+    with tempfile.TemporaryDirectory() as tmp:
+        result.masks.save(Path(tmp) / "mask.safetensors")
+        extra = {"mask.safetensors": (Path(tmp) / "mask.safetensors").read_bytes(),
+                 "sparsity.json": json.dumps(report, indent=1).encode()}
+    save_model(model, tokenizer, args.out, extra_files=extra)
+    log.info("pruned %s to %.4f sparsity (%s, target %.4f) in %.1fs -> %s", args.model, report["sparsity"],
+             cfg.method, cfg.target, result.seconds, args.out)
+    return 0
