@@ -13,6 +13,11 @@ A hook is a dict with a `type` and its options:
 
 A custom hook is called as `fn(model, tokenizer, *, context: HookContext, **args)` and returns
 `dict[str, float | str | list]`; its name defaults to the function's name.
+
+Interface: `validate_hooks(hooks)` (recipe validation, before any work), `run_hooks(model, tokenizer, hooks,
+context, *, fail_fast=False) -> (metrics, errors)`, `perplexity`, `sparsity_report`, `generate_samples`,
+`lm_eval_tasks` (each with `device=None`: run where the model is, else move it there; layerwise perplexity
+moves one layer at a time), `append_metrics` / `read_metrics`, `format_stage_table`, `flatten_for_trackers`.
 """
 
 from __future__ import annotations
@@ -78,10 +83,11 @@ def _place(model: nn.Module, device: str | torch.device | None) -> torch.device:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """eval() and no_grad (not inference_mode: parameters moved to a device inside must stay trainable)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)
@@ -215,7 +221,7 @@ def generate_samples(model: nn.Module, tokenizer, prompts: list[str], *, max_new
         for prompt in prompts:
             enc = tokenizer(prompt, return_tensors="pt").to(dev)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad)
+                                 pad_token_id=pad, use_cache=True)
             completion = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             samples.append({"prompt": prompt, "completion": completion})
     return samples
