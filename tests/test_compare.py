@@ -4,10 +4,8 @@ and the eval command on a tiny saved model."""
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from matplotlib.image import imread
@@ -146,8 +144,8 @@ def test_compare_and_report_commands(runs, tmp_path, capsys):
         report_cmd.run(parse(report_cmd, [str(tmp_path)]))
 
 
-def test_eval_command_on_saved_tiny_model(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).parent))
+def test_eval_command_on_saved_tiny_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
     from test_evaluation import byte_tokenizer, prune_by_hand, tiny_llama
 
     from sparsegpt.masks import MaskSet
