@@ -84,15 +84,6 @@ def test_perplexity_restores_training_mode_and_rejects_bad_input(model):
         perplexity(model, windows(2, 4), batch_size=0)
 
 
-def has_layerwise() -> bool:
-    try:
-        from sparsegpt.sequential import layerwise_hidden_states  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not has_layerwise(), reason="sparsegpt.sequential.layerwise_hidden_states has not landed yet")
 def test_layerwise_perplexity_equals_whole_model(model):
     ids = windows(5, 16)
     whole = perplexity(model, ids, batch_size=2)
