@@ -69,13 +69,13 @@ def load_text(source: str, split: str) -> str | list[str]:
         return _hub_text(source, split)
     if source == OFFLINE_SOURCE:
         return "\n\n".join(_split_docs(_stdlib_docs(), split))
-    path = Path(source).expanduser()
-    if path.suffix in FILE_SUFFIXES:
-        if not path.is_file():
-            raise UserError(f"text file {source} not found; give an existing .txt or .jsonl file")
-        return "\n\n".join(_split_docs(_file_docs(path), split))
-    raise UserError(f"unknown text source {source!r}; use one of {', '.join(HUB_SOURCES + (OFFLINE_SOURCE,))} "
-                    f"or a path to a .txt/.jsonl file")
+    return "\n\n".join(_split_docs(_file_docs(_local_file(source)), split))
+
+
+def check_source(source: str) -> None:
+    """Raise UserError unless `source` is a known source name or an existing .txt/.jsonl file (loads nothing)."""
+    if source not in HUB_SOURCES and source != OFFLINE_SOURCE:
+        _local_file(source)
 
 
 def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -119,6 +119,16 @@ def default_seqlen(model_or_config, cap: int = 2048) -> int:
             return min(value, cap)
     logger.info("%s sets no context length (e.g. ALiBi positions); using seqlen=%d", type(config).__name__, cap)
     return cap
+
+
+def _local_file(source: str) -> Path:
+    path = Path(source).expanduser()
+    if path.suffix not in FILE_SUFFIXES:
+        raise UserError(f"unknown text source {source!r}; use one of {', '.join(HUB_SOURCES + (OFFLINE_SOURCE,))} "
+                        f"or a path to a .txt/.jsonl file")
+    if not path.is_file():
+        raise UserError(f"text file {source} not found; give an existing .txt or .jsonl file")
+    return path
 
 
 def _check_positive(**values: int) -> None:

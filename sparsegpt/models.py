@@ -43,24 +43,35 @@ def demo_gguf_path() -> Path:
     return files[0]
 
 
+def check_model(name_or_path: str | os.PathLike) -> None:
+    """Raise UserError unless name_or_path can name a model: demo alias, .gguf file, model folder or hub name."""
+    _locate(name_or_path)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """A loadable model reference: demo alias or .gguf -> cached HF folder; folder -> itself; else a hub name."""
+    gguf, reference = _locate(name_or_path)
+    return str(_converted_gguf(gguf)) if gguf is not None else reference
+
+
+def _locate(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
+    """(GGUF file to convert, None) or (None, folder or hub name); UserError for what cannot be a model."""
     name = str(name_or_path)
     if name == DEMO_MODEL:
-        return str(_converted_gguf(demo_gguf_path()))
+        return demo_gguf_path(), name
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {name} not found")
-        return str(_converted_gguf(path))
+        return path, name
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {name} has no config.json; expected a Hugging Face model folder")
-        return str(path)
+        return None, str(path)
     if path.exists() or not HUB_ID.fullmatch(name):
         raise UserError(f"model {name!r} not found: expected a folder with config.json, a .gguf file, "
                         f"{DEMO_MODEL!r} or a hub name like org/model")
-    return name
+    return None, name
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: str | torch.device = "cpu",

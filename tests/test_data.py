@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparsegpt import data
-from sparsegpt.data import calibration_ids, default_seqlen, eval_ids, load_text, train_ids
+from sparsegpt.data import calibration_ids, check_source, default_seqlen, eval_ids, load_text, train_ids
 from sparsegpt.errors import UserError
 
 PARAGRAPHS = [f"Paragraph {i}: the quick brown fox number {i} jumps over {i % 7} lazy dogs." for i in range(400)]
@@ -124,10 +124,13 @@ def test_default_seqlen(make_tiny_model):
 
 
 def test_errors_name_the_problem(txt_file, tiny_tokenizer, tmp_path):
-    with pytest.raises(UserError, match="unknown text source 'wiki'.*stdlib-docs.*.txt/.jsonl"):
-        load_text("wiki", "train")
-    with pytest.raises(UserError, match="missing.txt not found"):
-        load_text(str(tmp_path / "missing.txt"), "train")
+    for check in (check_source, lambda source: load_text(source, "train")):
+        with pytest.raises(UserError, match="unknown text source 'wiki'.*stdlib-docs.*.txt/.jsonl"):
+            check("wiki")
+        with pytest.raises(UserError, match="missing.txt not found"):
+            check(str(tmp_path / "missing.txt"))
+    for source in ("wikitext2", "stdlib-docs", str(txt_file)):
+        check_source(source)
     with pytest.raises(UserError, match="unknown split 'dev'"):
         load_text("stdlib-docs", "dev")
     n = len(ids_of(tiny_tokenizer, load_text(str(txt_file), "train")))

@@ -12,7 +12,7 @@ import torch
 
 from sparsegpt import models
 from sparsegpt.errors import UserError
-from sparsegpt.models import DEMO_MODEL, load_model, resolve_model_path, save_model
+from sparsegpt.models import DEMO_MODEL, check_model, load_model, resolve_model_path, save_model
 
 TIED = {"llama": False, "opt": True, "bloom": True, "gpt2": True, "gpt_neox": False}
 
@@ -94,19 +94,30 @@ def test_write_keeps_folder_another_process_finished(tmp_path, caplog):
     assert [p.name for p in tmp_path.iterdir()] == ["converted"]
 
 
-def test_resolve_errors_and_hub_names(tmp_path, tiny_llama_dir):
-    assert resolve_model_path(tiny_llama_dir) == str(tiny_llama_dir)
+@pytest.mark.parametrize("check", [check_model, resolve_model_path])
+def test_bad_model_references(check, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty has no config.json"):
-        resolve_model_path(tmp_path / "empty")
+        check(tmp_path / "empty")
     with pytest.raises(UserError, match="nope.gguf not found"):
-        resolve_model_path(tmp_path / "nope.gguf")
+        check(tmp_path / "nope.gguf")
     with pytest.raises(UserError, match=f"model '{tmp_path}/missing/model' not found"):
-        resolve_model_path(tmp_path / "missing" / "model")
+        check(tmp_path / "missing" / "model")
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(UserError, match="weights.bin' not found: expected a folder with config.json"):
-        resolve_model_path(tmp_path / "weights.bin")
+        check(tmp_path / "weights.bin")
+
+
+def test_good_references_resolve_without_work(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEGPT_CACHE", str(tmp_path))
+    assert resolve_model_path(tiny_llama_dir) == str(tiny_llama_dir)
     assert resolve_model_path("org/some-model") == "org/some-model"
+    for reference in (tiny_llama_dir, "org/some-model", DEMO_MODEL):
+        check_model(reference)
+    assert list(tmp_path.iterdir()) == []  # checking the demo alias converts nothing
+
+
+def test_unreachable_hub_name_is_a_user_error():
     with pytest.raises(UserError, match="cannot fetch 'org/some-model' from the Hugging Face hub.*'smollm2-135m'"):
         load_model("org/some-model")
 
