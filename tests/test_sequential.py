@@ -23,8 +23,13 @@ NSAMPLES, SEQLEN, BATCH = 6, 64, 4  # uneven last batch on purpose; 384 tokens >
 
 
 @pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
+def quiet_single_thread(monkeypatch):
+    """No progress bars; one thread, since tiny ops on a busy 2-core box mostly spin-wait with two."""
     monkeypatch.setenv("SPARSEGPT_NO_PROGRESS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def calib(seed=1, vocab=512):
