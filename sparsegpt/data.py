@@ -17,10 +17,14 @@ import json
 import logging
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from sparsegpt.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,8 @@ def check_source(source: str) -> None:
         _local_file(source)
 
 
-def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, nsamples: int, seqlen: int,
+                    seed: int) -> torch.Tensor:
     """(nsamples, seqlen) random windows of the train split, drawn with a torch.Generator seeded by `seed`."""
     _check_positive(nsamples=nsamples, seqlen=seqlen)
     text = load_text(source, "train")
@@ -92,7 +97,7 @@ def calibration_ids(source: str, tokenizer, *, nsamples: int, seqlen: int, seed:
     return ids[starts[:, None] + torch.arange(seqlen)]
 
 
-def eval_ids(source: str, tokenizer, *, seqlen: int, split: str = "test",
+def eval_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, seqlen: int, split: str = "test",
              max_windows: int | None = None) -> torch.Tensor:
     """(n, seqlen) consecutive non-overlapping windows from the start of a split (c4: at most 256, as the paper)."""
     _check_positive(seqlen=seqlen)
@@ -103,7 +108,7 @@ def eval_ids(source: str, tokenizer, *, seqlen: int, split: str = "test",
     return _windows(source, split, _tokenize(tokenizer, load_text(source, split)), seqlen, max_windows)
 
 
-def train_ids(source: str, tokenizer, *, seqlen: int, split: str = "train") -> torch.Tensor:
+def train_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, seqlen: int, split: str = "train") -> torch.Tensor:
     """(n, seqlen) the whole split packed into consecutive non-overlapping windows, for fine-tuning."""
     _check_positive(seqlen=seqlen)
     return _windows(source, split, _tokenize(tokenizer, load_text(source, split)), seqlen, None)

@@ -17,10 +17,14 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from sparsegpt.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ def _locate(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: str | torch.device = "cpu",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) from safetensors, in eval mode with use_cache off; the tokenizer pads with eos if unset."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,7 +105,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: 
     return model, tokenizer
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, bytes] | None = None) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike, *,
+               extra_files: dict[str, bytes] | None = None) -> None:
     """Write model (safetensors), tokenizer (if any) and extra files to out_dir atomically, replacing an old one."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
