@@ -240,6 +240,7 @@ def test_cli_prune_then_prune_further(prune_cli, tiny_llama_dir, tmp_path):
     (["--sparsity", "0.5", "--nsamples", "0"], "--nsamples must be >= 1"),
     (["--sparsity", "0.5", "--include", "("], "--include '\\(' is not a valid regular expression"),
     (["--sparsity", "0.5", "--base-mask", "nope.safetensors"], "--base-mask nope.safetensors is not a file"),
+    (["--sparsity", "0.5", "--calib", "nope.txt"], "nope.txt"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(prune_cli, tiny_llama_dir, tmp_path, capsys, argv, match):
     out = tmp_path / "out"

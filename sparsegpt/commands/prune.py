@@ -81,6 +81,11 @@ def _config(args: argparse.Namespace):
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from sparsegpt.data import check_source
+    from sparsegpt.models import check_model
+
+    check_model(args.model)
+    check_source(args.calib)
     if args.nsamples < 1:
         raise UserError(f"--nsamples must be >= 1, got {args.nsamples}")
     if args.seqlen is not None and args.seqlen < 1:
