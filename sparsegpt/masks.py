@@ -1,0 +1,152 @@
+"""The mask set: which weights of the prunable linears are pruned (True = pruned, weight exactly 0).
+
+Masks are kept on the CPU in (out, in) layout, whatever the module stores (GPT-2 `Conv1D` is (in, out)).
+On disk they take 1 bit per weight: one `np.packbits` uint8 tensor per module in a safetensors file whose
+metadata holds the shapes. `grad_hooks` keeps training from reviving pruned weights: the gradient is zeroed
+at masked positions before anything accumulates or reduces it, so optimizer moments and updates stay 0 there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from transformers.pytorch_utils import Conv1D
+
+from sparsegpt.architectures import prunable_linears, weight_as_linear
+from sparsegpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sparsegpt-mask-v1"
+
+
+def param_shape(param: Tensor) -> tuple[int, ...]:
+    """The full shape of a parameter, also when ZeRO-3 has partitioned it away (`ds_shape`)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def mask_in_param_layout(module: nn.Module, mask: Tensor) -> Tensor:
+    """The (out, in) mask laid out like `module.weight` (transposed for GPT-2 Conv1D)."""
+    return mask.t() if isinstance(module, Conv1D) else mask
+
+
+class MaskSet:
+    """Module name -> bool mask (CPU, (out, in), True = pruned) for the prunable linears of one model."""
+
+    def __init__(self, masks: dict[str, Tensor]):
+        for name, mask in masks.items():
+            if mask.dtype != torch.bool or mask.dim() != 2:
+                raise UserError(f"mask for {name} must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+        self.masks = {name: mask.cpu() for name, mask in masks.items()}
+
+    @classmethod
+    def from_model(cls, model: nn.Module, include: str | None = None, exclude: str | None = None) -> MaskSet:
+        """The exact zeros of every prunable linear (filtered by regex include/exclude)."""
+        masks = {}
+        for name, module in prunable_linears(model, include, exclude).items():
+            if param_shape(module.weight) != tuple(module.weight.shape):
+                raise UserError(f"{name} is a ZeRO-3 shard; build masks from a model loaded without ZeRO-3 init")
+            masks[name] = (weight_as_linear(module) == 0).cpu()
+        if not masks:
+            raise UserError(f"no prunable linear matches include={include!r} exclude={exclude!r}; loosen the filters")
+        return cls(masks)
+
+    def modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The masked modules of `model`, by name; UserError when one is missing."""
+        found = dict(model.named_modules())
+        missing = [name for name in self.masks if name not in found]
+        if missing:
+            raise UserError(f"{len(missing)} masked modules are not in the model (first: {missing[0]}); "
+                            "use the mask saved with this model")
+        return {name: found[name] for name in self.masks}
+
+    def check_shapes(self, model: nn.Module) -> None:
+        """UserError unless every masked module exists and its (out, in) weight shape equals its mask's."""
+        for name, module in self.modules(model).items():
+            shape = param_shape(module.weight)
+            shape = shape[::-1] if isinstance(module, Conv1D) else shape
+            if shape != tuple(self.masks[name].shape):
+                raise UserError(f"mask for {name} is {tuple(self.masks[name].shape)} but the weight is (out, in) = "
+                                f"{shape}; use the mask saved with this model")
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero the masked weights in place."""
+        self.check_shapes(model)
+        for name, module in self.modules(model).items():
+            weight = weight_as_linear(module)
+            weight.masked_fill_(self.masks[name].to(weight.device), 0)
+
+    @torch.no_grad()
+    def verify(self, model: nn.Module) -> dict[str, float]:
+        """Per-linear sparsity of the model; UserError if any masked weight is non-zero (a revived weight)."""
+        self.check_shapes(model)
+        sparsity = {}
+        for name, module in self.modules(model).items():
+            weight = weight_as_linear(module)
+            revived = int(torch.count_nonzero(weight[self.masks[name].to(weight.device)]))
+            if revived:
+                raise UserError(f"{revived} pruned weights of {name} are non-zero; the mask was not preserved "
+                                "(apply the mask, or fine-tune with mask enforcement)")
+            sparsity[name] = float((weight == 0).float().mean())
+        return sparsity
+
+    def sparsity(self) -> float:
+        """Fraction of pruned weights over all masked linears."""
+        pruned = sum(int(m.sum()) for m in self.masks.values())
+        total = sum(m.numel() for m in self.masks.values())
+        return pruned / total if total else 0.0
+
+    def per_module(self) -> dict[str, float]:
+        """Fraction of pruned weights of each masked linear."""
+        return {name: float(m.float().mean()) for name, m in self.masks.items()}
+
+    def grad_hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        """Zero every masked weight's gradient at masked positions as autograd produces it (before accumulation,
+        all-reduce or ZeRO partitioning); frozen weights get no hook. Remove the returned handles when done."""
+        self.check_shapes(model)
+        handles = []
+        for name, module in self.modules(model).items():
+            weight = module.weight
+            if not weight.requires_grad:
+                continue
+            mask = mask_in_param_layout(module, self.masks[name]).to(weight.device)
+            handles.append(weight.register_hook(lambda grad, mask=mask: grad.masked_fill(mask, 0)))
+        log.debug("registered %d gradient mask hooks", len(handles))
+        return handles
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the masks packed 1 bit per weight (safetensors, shapes in the metadata), atomically."""
+        path = Path(path)
+        tensors = {name: torch.from_numpy(np.packbits(m.flatten().numpy())) for name, m in self.masks.items()}
+        shapes = {name: list(m.shape) for name, m in self.masks.items()}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "shapes": json.dumps(shapes)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MaskSet:
+        """Read masks written by `save`."""
+        if not Path(path).is_file():
+            raise UserError(f"mask file {path} does not exist; expected a mask.safetensors written by sparsegpt")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise UserError(f"{path} is not a sparsegpt mask file (format {meta.get('format')!r}, "
+                                f"expected {FORMAT!r})")
+            shapes = json.loads(meta["shapes"])
+            masks = {}
+            for name, shape in shapes.items():
+                numel = int(np.prod(shape))
+                bits = np.unpackbits(f.get_tensor(name).numpy(), count=numel)
+                masks[name] = torch.from_numpy(bits.astype(bool)).reshape(shape)
+        return cls(masks)
