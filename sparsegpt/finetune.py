@@ -529,22 +529,21 @@ def save_finetuned(accelerator, model: nn.Module, tokenizer, masks: MaskSet, out
 
 
 def _write_model_dir(model: nn.Module, tokenizer, masks: MaskSet, state: dict, out_dir: Path) -> None:
-    """Write to a temporary sibling, check the mask holds in what was saved, then rename into place."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Check the mask holds in the weights being saved, then write the folder atomically (models' temp + rename)."""
+    from sparsegpt.models import _write_atomically
+
     for name, module in masks.modules(model).items():
         weight = state[f"{name}.weight"]
         revived = int(torch.count_nonzero(weight[mask_in_param_layout(module, masks.masks[name]).to(weight.device)]))
         if revived:
             raise UserError(f"{revived} pruned weights of {name} are non-zero in the trained model; not saving it")
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    masks.save(tmp / "mask.safetensors")
-    failpoint("save/before-rename")
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        masks.save(folder / "mask.safetensors")
+        failpoint("save/before-rename")
+
+    _write_atomically(out_dir, write, replace=True)
     log.info("saved fine-tuned model to %s (sparsity %.4f)", out_dir, masks.sparsity())

@@ -1,0 +1,131 @@
+"""MaskSet: exact zeros, 1-bit save/load, apply/verify, sparsity against float64 counts, gradient hooks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers.pytorch_utils import Conv1D
+
+from sparsegpt.architectures import prunable_linears, weight_as_linear
+from sparsegpt.errors import UserError
+from sparsegpt.masks import MaskSet
+
+
+def _pruned(model, fraction: float = 0.6, seed: int = 0):
+    """Zero a random `fraction` of every prunable linear (in its (out, in) view) and return the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in prunable_linears(model).values():
+            w = weight_as_linear(module)
+            w.masked_fill_(torch.rand(w.shape, generator=gen) < fraction, 0)
+    return model
+
+
+def _as_linear(module, tensor):
+    """A weight-shaped tensor in (out, in) layout (GPT-2 Conv1D stores (in, out))."""
+    return tensor.t() if isinstance(module, Conv1D) else tensor
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def pruned_model(request, make_tiny_model):
+    return _pruned(make_tiny_model(request.param))
+
+
+def test_from_model_is_the_exact_zeros_in_out_in_layout(pruned_model):
+    masks = MaskSet.from_model(pruned_model)
+    linears = prunable_linears(pruned_model)
+    assert set(masks.masks) == set(linears)
+    for name, module in linears.items():
+        w = weight_as_linear(module)
+        assert masks.masks[name].dtype == torch.bool and masks.masks[name].shape == w.shape
+        assert torch.equal(masks.masks[name], w == 0)
+
+
+def test_sparsity_and_per_module_match_float64_counts(pruned_model):
+    masks = MaskSet.from_model(pruned_model)
+    weights = [weight_as_linear(m).double() for m in prunable_linears(pruned_model).values()]
+    expected = sum(float((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert masks.sparsity() == pytest.approx(expected, abs=1e-15)
+    for (name, value), w in zip(masks.per_module().items(), weights):
+        assert value == pytest.approx(float((w == 0).double().mean()), abs=1e-7), name
+
+
+def test_save_load_roundtrip_is_bit_exact_and_packed(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    masks = MaskSet({"a.b": torch.rand(7, 13, generator=gen) < 0.5, "c": torch.rand(64, 3, generator=gen) < 0.9})
+    path = tmp_path / "mask.safetensors"
+    masks.save(path)
+    loaded = MaskSet.load(path)
+    assert loaded.masks.keys() == masks.masks.keys()
+    for name in masks.masks:
+        assert torch.equal(loaded.masks[name], masks.masks[name])
+    with safe_open(str(path), framework="np") as f:
+        assert f.get_tensor("a.b").dtype == np.uint8 and f.get_tensor("a.b").size == (7 * 13 + 7) // 8
+        assert json.loads(f.metadata()["shapes"]) == {"a.b": [7, 13], "c": [64, 3]}
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.safetensors"]  # no temp file left behind
+
+
+def test_load_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        MaskSet.load(tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="not a sparsegpt mask file"):
+        MaskSet.load(tmp_path / "other.safetensors")
+
+
+def test_apply_zeroes_and_verify_catches_a_revived_weight(pruned_model, make_tiny_model):
+    masks = MaskSet.from_model(pruned_model)
+    fresh = make_tiny_model(pruned_model.config.model_type)  # same architecture, dense
+    masks.apply(fresh)
+    per_linear = masks.verify(fresh)
+    assert per_linear == pytest.approx(masks.per_module())
+    name, mask = next(iter(masks.masks.items()))
+    row, col = mask.nonzero()[0].tolist()
+    with torch.no_grad():
+        weight_as_linear(fresh.get_submodule(name))[row, col] = 0.5
+    with pytest.raises(UserError, match=f"^1 pruned weights of {name} are non-zero"):
+        masks.verify(fresh)
+
+
+def test_check_shapes_names_the_mismatch(make_tiny_model):
+    llama = make_tiny_model("llama")
+    masks = MaskSet.from_model(_pruned(llama))
+    name = next(iter(masks.masks))
+    wrong = MaskSet({**masks.masks, name: torch.zeros(3, 5, dtype=torch.bool)})
+    with pytest.raises(UserError, match=f"mask for {name} is \\(3, 5\\)"):
+        wrong.check_shapes(llama)
+    with pytest.raises(UserError, match="not in the model"):
+        MaskSet({"model.layers.9.mlp.up_proj": torch.zeros(2, 2, dtype=torch.bool)}).check_shapes(llama)
+    with pytest.raises(UserError, match="2-D bool"):
+        MaskSet({"x": torch.zeros(2, 2)})
+
+
+def test_grad_hooks_zero_masked_gradients_before_accumulation(pruned_model):
+    masks = MaskSet.from_model(pruned_model)
+    ids = torch.randint(0, pruned_model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    handles = masks.grad_hooks(pruned_model)
+    for _ in range(2):  # the second backward accumulates onto .grad
+        pruned_model(input_ids=ids, labels=ids).loss.backward()
+    for name, module in masks.modules(pruned_model).items():
+        grad = _as_linear(module, module.weight.grad)
+        assert torch.count_nonzero(grad[masks.masks[name]]) == 0, name
+        assert torch.count_nonzero(grad[~masks.masks[name]]) > 0, name
+    for handle in handles:
+        handle.remove()
+    pruned_model.zero_grad()
+    pruned_model(input_ids=ids, labels=ids).loss.backward()  # without hooks the masked gradients are dense
+    assert all(torch.count_nonzero(_as_linear(module, module.weight.grad)[masks.masks[name]]) > 0
+               for name, module in masks.modules(pruned_model).items())
+
+
+def test_grad_hooks_skip_frozen_weights(make_tiny_model):
+    model = _pruned(make_tiny_model("llama"))
+    masks = MaskSet.from_model(model)
+    model.requires_grad_(False)
+    assert masks.grad_hooks(model) == []
