@@ -392,6 +392,15 @@ def _kd_config(cfg: FinetuneConfig):
                     temperature=cfg.kd_temperature)
 
 
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (the method's name changed in transformers 5)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneConfig, *, accelerator,
              teacher: nn.Module | None = None, ckpt_dir: str | os.PathLike | None = None) -> FinetuneResult:
     """Fine-tune `model` in place on packed causal-LM blocks with its pruned weights held at exactly 0."""
@@ -414,7 +423,7 @@ def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneC
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     accelerator.gradient_accumulation_steps = cfg.grad_accum
     hooks = masks.grad_hooks(model) if cfg.mask_enforcement in ("full", "hooks") else []
     try:
@@ -425,12 +434,12 @@ def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneC
             from sparsegpt.distill import prepare_teacher
 
             teacher = prepare_teacher(teacher, accelerator)
+        start, losses = _resume(accelerator, ckpt_dir, cfg)
         enforcer = MaskEnforcer(model, masks, optimizer)
         revived = int(accelerator.reduce(torch.tensor(enforcer.revived(), device=accelerator.device), "sum"))
         if revived:
             raise UserError(f"{revived} masked weights are non-zero before training; the mask does not belong to "
                             "this model (use the mask saved with it, or apply it first)")
-        start, losses = _resume(accelerator, ckpt_dir, cfg)
         step_enforce = cfg.mask_enforcement in ("full", "step")
         result = _train(engine, optimizer, train_ids, cfg, accelerator, teacher, kd, ckpt_dir, start, losses,
                         enforcer if step_enforce else None)
@@ -450,47 +459,46 @@ def _train(engine, optimizer, train_ids, cfg, accelerator, teacher, kd, ckpt_dir
     order = DataOrder(train_ids.shape[0], cfg.seed)
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * accelerator.num_processes * train_ids.shape[1]
     no_bar = not accelerator.is_main_process or os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
-    bar = tqdm(total=cfg.steps, initial=start, desc="finetune", disable=no_bar)
-    engine.train()
-    train_seconds, trained = 0.0, 0
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        lr = cfg.lr * lr_factor(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            rows = order.micro_batch(step, micro, cfg, accelerator.num_processes, accelerator.process_index)
-            batch = train_ids[rows].to(accelerator.device)
-            with accelerator.accumulate(engine):
-                loss = _loss(engine, teacher, kd, batch)
-                mean = float(accelerator.reduce(loss.detach().float(), "mean"))
-                if not math.isfinite(mean):
-                    raise TrainingDiverged(step + 1, mean)
-                step_loss += mean / cfg.grad_accum
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm and accelerator.deepspeed_plugin is None:
-                    accelerator.clip_grad_norm_(engine.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        if enforcer is not None:
-            enforcer()
-        losses.append(step_loss)
-        train_seconds += time.perf_counter() - t0
-        trained += 1
-        done = step + 1
-        tok_s = trained * tokens_per_step / train_seconds
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log.info("step %d/%d loss %.4f lr %.3e tok/s %.0f", done, cfg.steps, step_loss, lr, tok_s)
-        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            _save_checkpoint(accelerator, ckpt_dir, {
-                "step": done, "micro_batches": done * cfg.grad_accum, "losses": losses, "seed": cfg.seed,
-                "num_processes": accelerator.num_processes, "micro_batch_size": cfg.micro_batch_size,
-                "grad_accum": cfg.grad_accum})
-        failpoint("finetune/step")
-    bar.close()
+    with tqdm(total=cfg.steps, initial=start, desc="finetune", disable=no_bar) as bar:
+        engine.train()
+        train_seconds, trained = 0.0, 0
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            lr = cfg.lr * lr_factor(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                rows = order.micro_batch(step, micro, cfg, accelerator.num_processes, accelerator.process_index)
+                batch = train_ids[rows].to(accelerator.device)
+                with accelerator.accumulate(engine):
+                    loss = _loss(engine, teacher, kd, batch)
+                    mean = float(accelerator.reduce(loss.detach().float(), "mean"))
+                    if not math.isfinite(mean):
+                        raise TrainingDiverged(step + 1, mean)
+                    step_loss += mean / cfg.grad_accum
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm and accelerator.deepspeed_plugin is None:
+                        accelerator.clip_grad_norm_(engine.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if enforcer is not None:
+                enforcer()
+            losses.append(step_loss)
+            train_seconds += time.perf_counter() - t0
+            trained += 1
+            done = step + 1
+            tok_s = trained * tokens_per_step / train_seconds
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                log.info("step %d/%d loss %.4f lr %.3e tok/s %.0f", done, cfg.steps, step_loss, lr, tok_s)
+            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                _save_checkpoint(accelerator, ckpt_dir, {
+                    "step": done, "micro_batches": done * cfg.grad_accum, "losses": losses, "seed": cfg.seed,
+                    "num_processes": accelerator.num_processes, "micro_batch_size": cfg.micro_batch_size,
+                    "grad_accum": cfg.grad_accum})
+            failpoint("finetune/step")
     return FinetuneResult(steps=cfg.steps, final_loss=losses[-1], losses=losses,
                           tokens_per_s=trained * tokens_per_step / train_seconds if trained else 0.0,
                           seconds=train_seconds)
@@ -516,7 +524,7 @@ def save_finetuned(accelerator, model: nn.Module, tokenizer, masks: MaskSet, out
     """Save the fine-tuned model as an HF folder (safetensors) + mask.safetensors, atomically, from the main
     process; under ZeRO-3 the 16-bit weights are gathered to rank 0 (every rank must call this)."""
     out_dir = Path(out_dir)
-    wrapped = accelerator.deepspeed_engine_wrapped
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)  # set only under DeepSpeed
     if wrapped is not None and wrapped.engine.zero_optimization_stage() == 3:
         if accelerator.unwrap_model(wrapped.engine) is not model:
             raise UserError("save_finetuned got a model that is not the one this accelerator's ZeRO-3 engine trains")

@@ -1,0 +1,129 @@
+"""One process of the multi-process ZeRO tests (`accelerate launch ... tests/zero_worker.py OUT_DIR`), and the tiny
+pruned-model helpers the single-process fine-tuning tests share.
+
+Each process trains a tiny 70 %-pruned Llama three times: without enforcement (the negative control: the
+pruned weights revive), with post-step enforcement only (no gradient hooks, so the gradients at masked
+positions are non-zero and only the enforcer keeps master weights and moments at 0), and with full enforcement; it checks the gathered fp32 master weights and Adam moments at every masked
+position and the loss on a fixed batch, and saves the model to OUT_DIR/model-{enforcement}. Results go to
+OUT_DIR/rank{r}.json; the test asserts on them and reloads the saved models with plain transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sparsegpt.masks import MaskSet
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama with random weights, deterministic in `seed`."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    return LlamaForCausalLM(config).float()
+
+
+def magnitude_prune(model, sparsity: float = 0.7) -> MaskSet:
+    """Zero the smallest-|w| `sparsity` fraction of every prunable linear; the mask of those zeros."""
+    from sparsegpt.architectures import prunable_linears
+
+    with torch.no_grad():
+        for module in prunable_linears(model).values():
+            w = module.weight
+            k = int(sparsity * w.numel())
+            w.view(-1)[w.abs().flatten().argsort()[:k]] = 0
+    return MaskSet.from_model(model)
+
+
+def toy_ids(rows: int = 16, seqlen: int = 24, seed: int = 1) -> torch.Tensor:
+    """Learnable token rows: each row counts up by a row-specific stride modulo the vocab."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (rows, 1), generator=gen)
+    stride = torch.randint(1, 5, (rows, 1), generator=gen)
+    return (start + stride * torch.arange(seqlen)) % VOCAB
+
+
+def worker_config(enforcement: str = "full", grad_accum: int = 2):
+    """The fine-tune settings of every worker run: 4 steps of 2 rows × grad_accum micro-batches per process."""
+    from sparsegpt.finetune import FinetuneConfig
+
+    return FinetuneConfig(steps=4, lr=3e-3, micro_batch_size=2, grad_accum=grad_accum, seed=0, weight_decay=0.1,
+                          schedule="constant", mask_enforcement=enforcement)
+
+
+def _fixed_batch_loss(engine, ids) -> float:
+    """Loss on a fixed batch; every rank runs it (ZeRO-3 forwards are collective)."""
+    engine.eval()
+    with torch.no_grad():
+        loss = float(engine(input_ids=ids, labels=ids).loss)
+    engine.train()
+    return loss
+
+
+def _master_state_report(model, masks: MaskSet) -> dict:
+    """Non-zero counts of gathered fp32 master weights / Adam moments at masked and kept positions."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from sparsegpt.masks import mask_in_param_layout
+
+    report = {"masked_nonzero": {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0},
+              "kept_nonzero": {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0}, "weights_checked": 0}
+    for name, module in masks.modules(model).items():
+        mask = mask_in_param_layout(module, masks.masks[name])
+        tensors = {"fp32": safe_get_full_fp32_param(module.weight),
+                   "exp_avg": safe_get_full_optimizer_state(module.weight, "exp_avg"),
+                   "exp_avg_sq": safe_get_full_optimizer_state(module.weight, "exp_avg_sq")}
+        for key, full in tensors.items():
+            full = full.reshape(mask.shape).cpu()
+            report["masked_nonzero"][key] += int(torch.count_nonzero(full[mask]))
+            report["kept_nonzero"][key] += int(torch.count_nonzero(full[~mask]))
+        report["weights_checked"] += 1
+    return report
+
+
+def _run(accelerator, enforcement: str, out: Path) -> dict:
+    from sparsegpt.finetune import finetune, save_finetuned
+
+    model = tiny_llama()
+    masks = magnitude_prune(model)
+    ids = toy_ids()
+    fixed = ids[:4].to(accelerator.device)
+    cfg = worker_config(enforcement, grad_accum=2)
+    before = _fixed_batch_loss(model.to(accelerator.device), fixed)
+    result = finetune(model, ids, masks, cfg, accelerator=accelerator)
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    report = {"enforcement": enforcement, "optimizer": type(engine.optimizer.optimizer).__name__,
+              "losses": result.losses, "fixed_before": before,
+              "fixed_after": _fixed_batch_loss(engine, fixed), **_master_state_report(model, masks)}
+    if enforcement == "none":  # the negative control: revived weights, which save_finetuned refuses to save
+        accelerator.free_memory()
+        return report
+    save_finetuned(accelerator, model, None, masks, out / f"model-{enforcement}")  # the test reloads it
+    accelerator.free_memory()
+    return report
+
+
+def main(out: str) -> None:
+    from accelerate import Accelerator
+
+    from sparsegpt.finetune import cpu_deepspeed_handlers
+
+    torch.set_num_threads(1)
+    accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
+    out_dir = Path(out)
+    reports = [_run(accelerator, enforcement, out_dir) for enforcement in ("none", "step", "full")]
+    stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"]
+    record = {"rank": accelerator.process_index, "world": accelerator.num_processes, "stage": stage,
+              "runs": reports}
+    (out_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
