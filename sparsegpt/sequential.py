@@ -22,6 +22,7 @@ from sparsegpt import allocation
 from sparsegpt.architectures import (compile_filter, decoder_layers, family_of, final_modules,
                                      prunable_linears, set_weight_from_linear, weight_as_linear)
 from sparsegpt.baselines import PRUNERS
+from sparsegpt.failpoints import failpoint
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
 from sparsegpt.solver import inverse_hessian_factor, prune_with_factor, reconstruction_error
@@ -194,9 +195,10 @@ def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, 
     return groups + [[n] for n in names if n not in grouped]
 
 
-def _accumulate(layer, batches, linears, groups, device, *, diag_only: bool) -> dict[str, Tensor]:
+def _accumulate(layer, batches, linears, groups, device, *, diag_only: bool,
+                outputs_to=None) -> tuple[dict[str, Tensor], list[_Batch]]:
     """One forward of the layer with a pre-hook per input group; returns per group leader
-    H = 2/N Σ xxᵀ (float32), or only its diagonal when diag_only."""
+    H = 2/N Σ xxᵀ (float32), or only its diagonal when diag_only, and the layer's outputs if outputs_to."""
     sums, counts, handles = {}, {}, []
     for group in groups:
         leader = group[0]
@@ -213,13 +215,16 @@ def _accumulate(layer, batches, linears, groups, device, *, diag_only: bool) -> 
             counts[leader] += x.shape[0]
 
         handles.append(linears[leader].register_forward_pre_hook(hook))
+    outputs = []
     try:
         for b in batches:
-            _forward(layer, b, device)
+            out = _forward(layer, b, device)
+            if outputs_to is not None:
+                outputs.append(replace(b, hidden=out.to(outputs_to)))
     finally:
         for h in handles:
             h.remove()
-    return {k: v * (2.0 / counts[k]) for k, v in sums.items()}
+    return {k: v * (2.0 / counts[k]) for k, v in sums.items()}, outputs
 
 
 def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Module]]:
@@ -245,15 +250,16 @@ def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_devic
         dev = device or _module_device(layer)
         home = _module_device(layer)
         layer.to(dev)
+        groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs, True)
+        last = i == len(layers) - 1
+        diags, outputs = _accumulate(layer, calib, linears, groups, dev, diag_only=True,
+                                     outputs_to=None if last else store_device)
         if linears:
-            groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs, True)
-            diags = _accumulate(layer, calib, linears, groups, dev, diag_only=True)
             members = [(n, g[0]) for g in groups for n in g]
             ratios[i] = allocation.outlier_ratio([weight_as_linear(linears[n]) for n, _ in members],
                                                  [diags[leader].sqrt() for _, leader in members], cfg.owl_m)
             floors[i] = _base_sparsity(base_masks, linears)
-        if i < len(layers) - 1:
-            calib = _run_layer(layer, calib, dev, store_device)
+        calib = outputs
         layer.to(home)
     targets = allocation.owl(ratios, cfg.target, lam=cfg.owl_lambda, floors=floors)
     log.info("OWL per-layer targets: %s", {i: round(t, 4) for i, t in targets.items()})
@@ -329,16 +335,18 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             layer.to(dev)
             groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
                                    cfg.shared_hessian)
-            hessians = _accumulate(layer, calib, linears, groups, dev, diag_only=False)
-            for group in groups:
-                _solve_group(group, linears, hessians[group[0]], targets[i], cfg, base_masks, i, masks, stats)
-            del hessians
+            if groups:  # a layer the include/exclude filters left empty is only propagated
+                hessians, _ = _accumulate(layer, calib, linears, groups, dev, diag_only=False)
+                for group in groups:
+                    _solve_group(group, linears, hessians[group[0]], targets[i], cfg, base_masks, i, masks, stats)
+                del hessians
             if i < len(layers) - 1:
                 calib = _run_layer(layer, calib, dev, store_device)
             layer.to(home)
             _synchronize(dev)
             layer_seconds.append(time.perf_counter() - t0)
             log.info("layer %d pruned in %.2fs", i, layer_seconds[-1])
+            failpoint("prune/layer")
     finally:
         model.train(was_training)
     return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start,

@@ -190,6 +190,25 @@ def test_bad_config_is_a_user_error(make_tiny_model, cfg, match):
         prune_model(make_tiny_model("llama"), calib(), cfg)
 
 
+def test_include_prunes_only_matching_layers(make_tiny_model):
+    model, ids = make_tiny_model("opt"), calib()
+    dense = {n: weight_as_linear(m).clone() for n, m in prunable_linears(model).items()}
+    result = prune_model(model, ids, PruneConfig(sparsity=0.5, batch_size=BATCH, include=r"layers\.1\.",
+                                                 exclude="fc2"))
+    pruned = set(result.masks.masks)
+    assert pruned == {n for n in dense if ".1." in n and "fc2" not in n}
+    for name, module in prunable_linears(model).items():
+        assert torch.equal(weight_as_linear(module), dense[name]) != (name in pruned)
+
+
+def test_mixed_attention_types_are_refused():
+    model = T.AutoModelForCausalLM.from_config(T.Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    with pytest.raises(UserError, match=r"mixes attention types \['full_attention', 'sliding_attention'\]"):
+        prune_model(model, calib(), PruneConfig(batch_size=BATCH))
+
+
 @pytest.mark.parametrize("kind", FIVE)
 def test_layerwise_hidden_states_match_the_model(make_tiny_model, kind):
     model, ids = make_tiny_model(kind), calib()
