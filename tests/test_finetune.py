@@ -263,3 +263,28 @@ def test_save_finetuned_reloads_with_plain_transformers(accelerator, tiny_tokeni
     with pytest.raises(UserError, match="not saving it"):
         save_finetuned(accelerator, model, None, masks, tmp_path / "out")
     assert _zeros_equal_mask(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), masks)  # old one intact
+
+
+def test_cli_finetune_writes_a_sparse_model_folder(accelerator, tiny_llama_dir, tmp_path, capsys):
+    from pydoc_data.topics import topics
+
+    from sparsegpt.cli import main
+    from sparsegpt.models import load_model, save_model
+
+    model, tokenizer = load_model(tiny_llama_dir)
+    masks = magnitude_prune(model)
+    save_model(model, tokenizer, tmp_path / "pruned")  # no mask file: the command takes the exact zeros
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(list(topics.values())[:12]))
+    common = ["finetune", "--model", str(tmp_path / "pruned"), "--data", str(text), "--seqlen", "32",
+              "--micro-batch", "2", "--lr", "1e-3", "--out", str(tmp_path / "out")]
+    assert main([*common, "--steps", "0"]) == 2
+    assert "error: finetune steps must be > 0" in capsys.readouterr().err
+    assert main([*common, "--steps", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["sparsity"] == pytest.approx(masks.sparsity())
+    healed, _ = load_model(tmp_path / "out")
+    assert MaskSet.load(tmp_path / "out" / "mask.safetensors").masks.keys() == masks.masks.keys()
+    assert _zeros_equal_mask(healed, masks)
+    assert not torch.equal(healed.get_submodule(next(iter(masks.masks))).weight,
+                           model.get_submodule(next(iter(masks.masks))).weight)

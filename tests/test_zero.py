@@ -43,14 +43,18 @@ def single_process_losses():
     return losses
 
 
+def _launch(recipe: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` 2 CPU processes with recipes/accelerate/{recipe}.yaml (DeepSpeed over gloo)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "SPARSEGPT_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore", **env}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{recipe}.yaml",
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
 @pytest.mark.parametrize("recipe", ["zero2", "zero3", "zero3_offload"])
 def test_zero_training_keeps_masks_in_weights_master_copies_and_moments(recipe, tmp_path, single_process_losses):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "SPARSEGPT_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{recipe}.yaml",
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-           "tests/zero_worker.py", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = _launch(recipe, "tests/zero_worker.py", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in records] == [2, 2] and {r["stage"] for r in records} == {int(recipe[4])}
@@ -75,3 +79,31 @@ def test_zero_training_keeps_masks_in_weights_master_copies_and_moments(recipe, 
         actual = MaskSet.from_model(reloaded)
         for name, mask in expected_masks.masks.items():
             assert torch.equal(saved.masks[name], mask) and torch.equal(actual.masks[name], mask), name
+
+
+def test_zero3_cli_run_killed_after_step_3_resumes_bitwise(tiny_llama_dir, tmp_path):
+    """`sparsegpt finetune` under ZeRO-3, SIGKILLed after step 3 (checkpoint at 2), rerun: same model bit for bit."""
+    from pydoc_data.topics import topics
+    from safetensors.torch import load_file
+
+    from sparsegpt.models import load_model, save_model
+
+    model, tokenizer = load_model(tiny_llama_dir)
+    masks = magnitude_prune(model)
+    save_model(model, tokenizer, tmp_path / "pruned")
+    (tmp_path / "train.txt").write_text("\n\n".join(list(topics.values())[:12]))
+
+    def cli(out: str, **env: str) -> subprocess.CompletedProcess:
+        return _launch("zero3", "-m", "sparsegpt.cli", "finetune", "--model", str(tmp_path / "pruned"),
+                       "--data", str(tmp_path / "train.txt"), "--steps", "4", "--seqlen", "32", "--micro-batch", "2",
+                       "--lr", "1e-3", "--checkpoint-every", "2", "--out", str(tmp_path / out), **env)
+
+    assert cli("a").returncode == 0
+    assert cli("b", SPARSEGPT_FAILPOINT="finetune/step:3").returncode != 0
+    assert sorted(p.name for p in (tmp_path / "b.ckpt").iterdir()) == ["step-00000002"]
+    resumed = cli("b")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    healed = load_model(tmp_path / "b")[0]
+    assert all(torch.equal(MaskSet.from_model(healed).masks[n], m) for n, m in masks.masks.items())
