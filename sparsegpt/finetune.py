@@ -331,6 +331,7 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, manifest: dict) -> None:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(target))
     accelerator.wait_for_everyone()
+    failpoint("checkpoint/before-manifest")
     if accelerator.is_main_process:
         tmp = target / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest))
@@ -551,7 +552,6 @@ def _write_model_dir(model: nn.Module, tokenizer, masks: MaskSet, state: dict, o
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         masks.save(folder / "mask.safetensors")
-        failpoint("save/before-rename")
 
     _write_atomically(out_dir, write, replace=True)
     log.info("saved fine-tuned model to %s (sparsity %.4f)", out_dir, masks.sparsity())

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sparsegpt.errors import UserError
+from sparsegpt.failpoints import failpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -180,6 +181,7 @@ def _write_atomically(out_dir: Path, write: Callable[[Path], None], *, replace: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write(tmp)
+        failpoint("save/before-rename")
         if replace and out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old)  # renaming a folder onto an empty one is allowed

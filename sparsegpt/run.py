@@ -252,7 +252,9 @@ class Scheduler:
         pruned = sdir / "pruned"
         model, tok = self._load(pruned, sharded=True)
         masks = MaskSet.load(pruned / "mask.safetensors")
-        seqlen = f.seqlen or stage.prune.seqlen or 512
+        from sparsegpt.data import default_seqlen
+
+        seqlen = f.seqlen or stage.prune.seqlen or default_seqlen(model)
         data = train_ids(self.recipe.data.finetune, tok, seqlen=seqlen)
         teacher = None
         if f.kd is not None and (f.kd.logit_weight or f.kd.hidden_weight):
@@ -260,7 +262,7 @@ class Scheduler:
             teacher, _ = self._load(src or self._dense_path(), sharded=True)
         cfg = f.to_config(seed=self.recipe.seed + i, micro_batch_size=self.recipe.distributed.micro_batch_size,
                           grad_accum=self.recipe.distributed.grad_accum,
-                          world_size=self.acc.num_processes)
+                          world_size=self.acc.num_processes, seqlen=seqlen)
         finetune(model, data, masks, cfg, accelerator=self.acc, teacher=teacher, ckpt_dir=sdir / "ckpt")
         save_finetuned(self.acc, model, tok, masks, sdir / "model")
         self.acc.free_memory()
@@ -288,8 +290,9 @@ class Scheduler:
             log.info("stage %s finetuned: sparsity %.4f %s", stage.name, rec["sparsity"], _short(rec["metrics"]))
             self._mark(state, i, "eval_finetuned", time.time() - t0)
             del model
-        for leftover in ("pruned", "ckpt"):
-            shutil.rmtree(sdir / leftover, ignore_errors=True)
+        for leftover in sdir.iterdir():  # the pruned copy, checkpoints, temp folders of killed writes
+            if leftover.name != "model":
+                shutil.rmtree(leftover, ignore_errors=True)
         self._mark(state, i, "complete", 0.0)
         from sparsegpt.evaluation import format_stage_table
 

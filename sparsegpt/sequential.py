@@ -22,8 +22,8 @@ from sparsegpt import allocation
 from sparsegpt.architectures import (compile_filter, decoder_layers, family_of, final_modules,
                                      prunable_linears, set_weight_from_linear, weight_as_linear)
 from sparsegpt.baselines import PRUNERS
-from sparsegpt.failpoints import failpoint
 from sparsegpt.errors import UserError
+from sparsegpt.failpoints import failpoint
 from sparsegpt.masks import MaskSet
 from sparsegpt.solver import inverse_hessian_factor, prune_with_factor, reconstruction_error
 
