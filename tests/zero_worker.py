@@ -1,5 +1,5 @@
-"""One process of the multi-process ZeRO tests (`accelerate launch ... tests/zero_worker.py OUT_DIR`), and the tiny
-pruned-model helpers the single-process fine-tuning tests share.
+"""One process of the multi-process tests (`accelerate launch ... tests/zero_worker.py OUT_DIR` for DeepSpeed,
+`torchrun` for DDP), and the tiny pruned-model helpers the single-process fine-tuning tests share.
 
 Each process trains a tiny 70 %-pruned Llama three times: without enforcement (the negative control: the
 pruned weights revive), with post-step enforcement only (no gradient hooks, so the gradients at masked
@@ -67,23 +67,34 @@ def _fixed_batch_loss(engine, ids) -> float:
     return loss
 
 
-def _master_state_report(model, masks: MaskSet) -> dict:
-    """Non-zero counts of gathered fp32 master weights / Adam moments at masked and kept positions."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+def _count(report: dict, key: str, full: torch.Tensor, mask: torch.Tensor) -> None:
+    full = full.reshape(mask.shape).cpu()
+    report["masked_nonzero"][key] += int(torch.count_nonzero(full[mask]))
+    report["kept_nonzero"][key] += int(torch.count_nonzero(full[~mask]))
 
+
+def _state_report(model, masks: MaskSet, ckpt: Path | None) -> dict:
+    """Non-zero counts of the fp32 master weights and Adam moments at masked and kept positions: gathered from
+    the ZeRO partitions with DeepSpeed's public accessors, or (DDP) the weights and the checkpoint's moments."""
     from sparsegpt.masks import mask_in_param_layout
 
     report = {"masked_nonzero": {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0},
               "kept_nonzero": {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0}, "weights_checked": 0}
+    if ckpt is not None:  # accelerate's optimizer.bin: state indexed by parameter order
+        state = torch.load(ckpt / "optimizer.bin", weights_only=True)["state"]
+        index = {name: i for i, (name, p) in enumerate(model.named_parameters()) if p.requires_grad}
     for name, module in masks.modules(model).items():
         mask = mask_in_param_layout(module, masks.masks[name])
-        tensors = {"fp32": safe_get_full_fp32_param(module.weight),
-                   "exp_avg": safe_get_full_optimizer_state(module.weight, "exp_avg"),
-                   "exp_avg_sq": safe_get_full_optimizer_state(module.weight, "exp_avg_sq")}
-        for key, full in tensors.items():
-            full = full.reshape(mask.shape).cpu()
-            report["masked_nonzero"][key] += int(torch.count_nonzero(full[mask]))
-            report["kept_nonzero"][key] += int(torch.count_nonzero(full[~mask]))
+        if ckpt is None:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            _count(report, "fp32", safe_get_full_fp32_param(module.weight), mask)
+            for key in ("exp_avg", "exp_avg_sq"):
+                _count(report, key, safe_get_full_optimizer_state(module.weight, key), mask)
+        else:
+            _count(report, "fp32", module.weight.detach(), mask)
+            for key in ("exp_avg", "exp_avg_sq"):
+                _count(report, key, state[index[f"{name}.weight"]][key], mask)
         report["weights_checked"] += 1
     return report
 
@@ -95,13 +106,16 @@ def _run(accelerator, enforcement: str, out: Path) -> dict:
     masks = magnitude_prune(model)
     ids = toy_ids()
     fixed = ids[:4].to(accelerator.device)
+    ddp = accelerator.state.deepspeed_plugin is None
     cfg = worker_config(enforcement, grad_accum=2)
+    cfg.checkpoint_every = cfg.steps if ddp else 0  # DDP: the moments are read back from the checkpoint
     before = _fixed_batch_loss(model.to(accelerator.device), fixed)
-    result = finetune(model, ids, masks, cfg, accelerator=accelerator)
-    engine = accelerator.deepspeed_engine_wrapped.engine
-    report = {"enforcement": enforcement, "optimizer": type(engine.optimizer.optimizer).__name__,
-              "losses": result.losses, "fixed_before": before,
-              "fixed_after": _fixed_batch_loss(engine, fixed), **_master_state_report(model, masks)}
+    result = finetune(model, ids, masks, cfg, accelerator=accelerator, ckpt_dir=out / f"ckpt-{enforcement}")
+    engine = model if ddp else accelerator.deepspeed_engine_wrapped.engine  # ZeRO-3 forwards run on all ranks
+    optimizer = "AdamW" if ddp else type(engine.optimizer.optimizer).__name__
+    ckpt = out / f"ckpt-{enforcement}" / f"step-{cfg.steps:08d}" if ddp else None
+    report = {"enforcement": enforcement, "optimizer": optimizer, "losses": result.losses, "fixed_before": before,
+              "fixed_after": _fixed_batch_loss(engine, fixed), **_state_report(model, masks, ckpt)}
     if enforcement == "none":  # the negative control: revived weights, which save_finetuned refuses to save
         accelerator.free_memory()
         return report
@@ -119,8 +133,9 @@ def main(out: str) -> None:
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
     out_dir = Path(out)
     reports = [_run(accelerator, enforcement, out_dir) for enforcement in ("none", "step", "full")]
-    stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"]
-    record = {"rank": accelerator.process_index, "world": accelerator.num_processes, "stage": stage,
+    plugin = accelerator.state.deepspeed_plugin
+    backend = f"zero{plugin.deepspeed_config['zero_optimization']['stage']}" if plugin is not None else "ddp"
+    record = {"rank": accelerator.process_index, "world": accelerator.num_processes, "backend": backend,
               "runs": reports}
     (out_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
 
