@@ -468,21 +468,7 @@ def _train(engine, optimizer, train_ids, cfg, accelerator, teacher, kd, ckpt_dir
             lr = cfg.lr * lr_factor(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                rows = order.micro_batch(step, micro, cfg, accelerator.num_processes, accelerator.process_index)
-                batch = train_ids[rows].to(accelerator.device)
-                with accelerator.accumulate(engine):
-                    loss = _loss(engine, teacher, kd, batch)
-                    mean = float(accelerator.reduce(loss.detach().float(), "mean"))
-                    if not math.isfinite(mean):
-                        raise TrainingDiverged(step + 1, mean)
-                    step_loss += mean / cfg.grad_accum
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm and accelerator.deepspeed_plugin is None:
-                        accelerator.clip_grad_norm_(engine.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            step_loss = _optimizer_step(engine, optimizer, train_ids, order, step, cfg, accelerator, teacher, kd)
             if enforcer is not None:
                 enforcer()
             losses.append(step_loss)
@@ -503,6 +489,26 @@ def _train(engine, optimizer, train_ids, cfg, accelerator, teacher, kd, ckpt_dir
     return FinetuneResult(steps=cfg.steps, final_loss=losses[-1], losses=losses,
                           tokens_per_s=trained * tokens_per_step / train_seconds if trained else 0.0,
                           seconds=train_seconds)
+
+
+def _optimizer_step(engine, optimizer, train_ids, order, step, cfg, accelerator, teacher, kd) -> float:
+    """One optimizer step over cfg.grad_accum micro-batches; returns the loss averaged over them and the processes."""
+    step_loss = 0.0
+    for micro in range(cfg.grad_accum):
+        rows = order.micro_batch(step, micro, cfg, accelerator.num_processes, accelerator.process_index)
+        batch = train_ids[rows].to(accelerator.device)
+        with accelerator.accumulate(engine):
+            loss = _loss(engine, teacher, kd, batch)
+            mean = float(accelerator.reduce(loss.detach().float(), "mean"))  # same value, same decision, every rank
+            if not math.isfinite(mean):
+                raise TrainingDiverged(step + 1, mean)
+            step_loss += mean / cfg.grad_accum
+            accelerator.backward(loss)  # under DeepSpeed this also clips and steps at the accumulation boundary
+            if accelerator.sync_gradients and cfg.max_grad_norm and accelerator.deepspeed_plugin is None:
+                accelerator.clip_grad_norm_(engine.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step_loss
 
 
 def _loss(engine, teacher, kd, batch: Tensor) -> Tensor:
