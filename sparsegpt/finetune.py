@@ -84,13 +84,14 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """What a fine-tuning run did: optimizer steps, per-step mean loss, throughput."""
+    """What a fine-tuning run did: optimizer steps, per-step mean loss, throughput (this run's steps only)."""
 
     steps: int
     final_loss: float
     losses: list[float] = field(default_factory=list)
     tokens_per_s: float = 0.0
     seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
 
 
 class TrainingDiverged(UserError):
@@ -462,7 +463,7 @@ def _train(engine, optimizer, train_ids, cfg, accelerator, teacher, kd, ckpt_dir
     no_bar = not accelerator.is_main_process or os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
     with tqdm(total=cfg.steps, initial=start, desc="finetune", disable=no_bar) as bar:
         engine.train()
-        train_seconds, trained = 0.0, 0
+        step_seconds = []
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = cfg.lr * lr_factor(step, cfg)
@@ -472,10 +473,9 @@ def _train(engine, optimizer, train_ids, cfg, accelerator, teacher, kd, ckpt_dir
             if enforcer is not None:
                 enforcer()
             losses.append(step_loss)
-            train_seconds += time.perf_counter() - t0
-            trained += 1
+            step_seconds.append(time.perf_counter() - t0)
             done = step + 1
-            tok_s = trained * tokens_per_step / train_seconds
+            tok_s = len(step_seconds) * tokens_per_step / sum(step_seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -486,9 +486,10 @@ def _train(engine, optimizer, train_ids, cfg, accelerator, teacher, kd, ckpt_dir
                     "num_processes": accelerator.num_processes, "micro_batch_size": cfg.micro_batch_size,
                     "grad_accum": cfg.grad_accum})
             failpoint("finetune/step")
+    seconds = sum(step_seconds)
     return FinetuneResult(steps=cfg.steps, final_loss=losses[-1], losses=losses,
-                          tokens_per_s=trained * tokens_per_step / train_seconds if trained else 0.0,
-                          seconds=train_seconds)
+                          tokens_per_s=len(step_seconds) * tokens_per_step / seconds if step_seconds else 0.0,
+                          seconds=seconds, step_seconds=step_seconds)
 
 
 def _optimizer_step(engine, optimizer, train_ids, order, step, cfg, accelerator, teacher, kd) -> float:
