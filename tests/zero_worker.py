@@ -3,9 +3,10 @@
 
 Each process trains a tiny 70 %-pruned Llama three times: without enforcement (the negative control: the
 pruned weights revive), with post-step enforcement only (no gradient hooks, so the gradients at masked
-positions are non-zero and only the enforcer keeps master weights and moments at 0), and with full enforcement; it checks the gathered fp32 master weights and Adam moments at every masked
-position and the loss on a fixed batch, and saves the model to OUT_DIR/model-{enforcement}. Results go to
-OUT_DIR/rank{r}.json; the test asserts on them and reloads the saved models with plain transformers.
+positions are non-zero and only the enforcer keeps master weights and moments at 0), and with full
+enforcement. It counts non-zeros of the fp32 master weights and Adam moments at every masked position, the
+loss on a fixed batch, and saves the model to OUT_DIR/model-{enforcement}. Results go to OUT_DIR/rank{r}.json;
+the test asserts on them and reloads the saved models with plain transformers.
 """
 
 from __future__ import annotations
