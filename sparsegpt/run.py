@@ -10,10 +10,9 @@ One recipe, one run directory. Every step leaves the run dir in a state the same
     RUN_DIR/stages/NN-NAME/ckpt    mid-stage fine-tuning checkpoints (removed when the stage completes)
 
 Process model under `accelerate launch`: the main process prunes (the model on CPU, one decoder layer at a time on
-its device) and evaluates; the other ranks wait at a barrier. Fine-tuning runs on every rank; under ZeRO-3 the
-pruned model is loaded straight into shards (zero.Init), so no rank holds the whole model beyond what ZeRO-3 implies
-except rank 0's CPU copy while pruning/evaluating, one layer at a time on the device. Stage boundaries go through
-disk, which is also what makes every boundary a resume point.
+its device) and evaluates; the other ranks wait at a barrier. Fine-tuning runs on every rank: each loads the
+pruned model on CPU and `accelerator.prepare` shards it (ZeRO-2/3). Stage boundaries go through disk, which is
+also what makes every boundary a resume point.
 """
 
 from __future__ import annotations
@@ -119,16 +118,30 @@ class Scheduler:
     def main(self) -> bool:
         return self.acc.is_main_process
 
-    def _no_zero_init(self):
-        """Loads for pruning/evaluation must give whole (unsharded) models even when ZeRO-3 init is on."""
-        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
-        return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _whole_model_loads(self):
+        """Loads that give whole (unsharded) models although a ZeRO-3 plugin is active.
 
-    def _load(self, path, *, sharded: bool = False):
+        transformers loads into zero.Init shards whenever a stage-3 HfDeepSpeedConfig is registered, and accelerate's
+        `zero3_init_context_manager(enable=False)` re-registers one, so the registration is lifted here instead."""
+        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
+
+    def _load(self, path):
+        """A whole model on CPU. Under ZeRO-3 every rank loads it before `prepare` shards it (the tested path);
+        loading straight into shards (zero.Init) would spare each rank's CPU memory for 70B-class models."""
         from sparsegpt.models import load_model
 
-        ctx = contextlib.nullcontext() if sharded else self._no_zero_init()
-        with ctx:
+        with self._whole_model_loads():
             return load_model(str(path), dtype=self.recipe.dtype)
 
     def _mark(self, state: dict, index: int, phase: str, seconds: float) -> None:
@@ -250,7 +263,7 @@ class Scheduler:
         f = stage.finetune
         t0 = time.time()
         pruned = sdir / "pruned"
-        model, tok = self._load(pruned, sharded=True)
+        model, tok = self._load(pruned)
         masks = MaskSet.load(pruned / "mask.safetensors")
         from sparsegpt.data import default_seqlen
 
@@ -259,7 +272,7 @@ class Scheduler:
         teacher = None
         if f.kd is not None and (f.kd.logit_weight or f.kd.hidden_weight):
             src = {"dense": None, "previous": prev_dir}.get(f.kd.teacher, f.kd.teacher)
-            teacher, _ = self._load(src or self._dense_path(), sharded=True)
+            teacher, _ = self._load(src or self._dense_path())
         cfg = f.to_config(seed=self.recipe.seed + i, micro_batch_size=self.recipe.distributed.micro_batch_size,
                           grad_accum=self.recipe.distributed.grad_accum,
                           world_size=self.acc.num_processes, seqlen=seqlen)
@@ -326,8 +339,10 @@ def build_accelerator(recipe):
     plugin = None
     if ds is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=dist.zero_stage == 3)
-    # Pruning a large model on rank 0 can take far longer than the default 30 min collective timeout.
-    kwargs = [InitProcessGroupKwargs(timeout=timedelta(hours=12))]
+    # Pruning a large model on rank 0 can take far longer than the default 30 min collective timeout. Without CUDA,
+    # DeepSpeed needs gloo named explicitly (otherwise accelerate counts every rank as process 0 of 1).
+    backend = "gloo" if plugin is not None and not torch.cuda.is_available() else None
+    kwargs = [InitProcessGroupKwargs(timeout=timedelta(hours=12), backend=backend)]
     return Accelerator(mixed_precision=dist.mixed_precision, deepspeed_plugin=plugin,
                        gradient_accumulation_steps=dist.grad_accum, kwargs_handlers=kwargs)
 
@@ -376,6 +391,9 @@ def _main(args) -> int:
         return 0
     _check_inputs(recipe)
     accelerator = build_accelerator(recipe)
+    if accelerator.is_main_process:
+        log.info("accelerator: %s, %d process(es), zero stage %d", accelerator.distributed_type.value,
+                 accelerator.num_processes, recipe.distributed.zero_stage)
     if accelerator.is_main_process:
         rd = prepare_run_dir(run_dir, recipe, recipe.to_yaml())
         _dense_ready(recipe)  # converts a GGUF once, before the other ranks look for it

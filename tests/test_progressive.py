@@ -167,3 +167,43 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_llama_dir, tmp_path):
         assert name in proc.stdout
     assert "GiB" in proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_process_zero3_progressive_run_keeps_masks(tiny_llama_dir, tmp_path):
+    """2 CPU processes, ZeRO-3 built from the recipe's `distributed` section: rank 0 prunes, both fine-tune."""
+    import socket
+
+    recipe = tmp_path / "z3.yaml"
+    text = RECIPE.format(model=tiny_llama_dir, last="").replace(
+        "seed: 0\n", "seed: 0\ndistributed: {zero_stage: 3, micro_batch_size: 2, grad_accum: 1}\n")
+    text = text.replace("steps: 6", "steps: 3").replace("checkpoint_every: 2", "checkpoint_every: 0")
+    text = text[:text.index("  - {name: s90")]  # two stages are enough here
+    recipe.write_text(text)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "SPARSEGPT_NO_PROGRESS": "1"}
+    env.pop("SPARSEGPT_FAILPOINT", None)
+    # On a CPU-only machine only a DeepSpeed launch starts 2 processes; the recipe's plugin replaces the config's.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "recipes/accelerate/zero3.yaml", "--num_processes", "2", "--mixed_precision", "no",
+                           "--main_process_port", str(port), str(ROOT / "train" / "progressive.py"),
+                           "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "accelerator: DEEPSPEED, 2 process(es), zero stage 3" in proc.stderr
+    recs = records(tmp_path / "run")
+    assert [(r["stage"], r["phase"]) for r in recs] == [(0, "pruned"), (0, "finetuned"), (1, "pruned"),
+                                                         (1, "finetuned")]
+    from sparsegpt.masks import MaskSet
+    from sparsegpt.models import load_model
+
+    for i, name in enumerate(["00-s50", "01-s70"]):
+        folder = tmp_path / "run" / "stages" / name / "model"
+        model, _ = load_model(folder)
+        masks = MaskSet.load(folder / "mask.safetensors")
+        masks.verify(model)  # every masked weight exactly 0 after ZeRO-3 training
+        assert masks.sparsity() == pytest.approx([0.5, 0.7][i], abs=0.01)
+    assert recs[1]["sparsity"] == recs[0]["sparsity"] and recs[3]["sparsity"] == recs[2]["sparsity"]
