@@ -25,7 +25,7 @@ from sparsegpt.baselines import PRUNERS
 from sparsegpt.errors import UserError
 from sparsegpt.failpoints import failpoint
 from sparsegpt.masks import MaskSet
-from sparsegpt.solver import inverse_hessian_factor, prune_with_factor, reconstruction_error
+from sparsegpt.solver import inverse_hessian_factor, prune_group_with_factor, reconstruction_error
 
 log = logging.getLogger(__name__)
 
@@ -284,24 +284,23 @@ def _check_base_masks(base_masks: MaskSet | None, per_layer: list[dict], model: 
 
 
 def _solve_group(group, linears, hessian, target, cfg, base_masks, layer_idx, masks, stats) -> None:
-    """Prune the linears that share one Hessian; SparseGPT factors it once for the whole group."""
+    """Prune the linears that share one Hessian; SparseGPT factors it once and runs one column loop for the group."""
     dtype = getattr(torch, cfg.dtype)
     t0 = time.perf_counter()
-    factor = inverse_hessian_factor(hessian, cfg.percdamp, dtype=dtype) if cfg.method == "sparsegpt" else None
-    shared_seconds = (time.perf_counter() - t0) / len(group)
-    for name in group:
-        t0 = time.perf_counter()
-        weight = weight_as_linear(linears[name])
-        base = None if base_masks is None else base_masks.masks[name].to(weight.device)
-        kw = dict(prune_n=cfg.prune_n, prune_m=cfg.prune_m, blocksize=cfg.blocksize, base_mask=base, dtype=dtype)
-        if factor is not None:
-            pruned, mask = prune_with_factor(weight, factor, target, **kw)
-        else:
-            pruned, mask = PRUNERS[cfg.method](weight, hessian, target, percdamp=cfg.percdamp, **kw)
+    weights = [weight_as_linear(linears[name]) for name in group]
+    bases = [None if base_masks is None else base_masks.masks[name].to(w.device) for name, w in zip(group, weights)]
+    kw = dict(prune_n=cfg.prune_n, prune_m=cfg.prune_m, blocksize=cfg.blocksize, dtype=dtype)
+    if cfg.method == "sparsegpt":
+        factor = inverse_hessian_factor(hessian, cfg.percdamp, dtype=dtype)
+        results = prune_group_with_factor(weights, factor, target, base_masks=bases, **kw)
+    else:
+        results = [PRUNERS[cfg.method](w, hessian, target, percdamp=cfg.percdamp, base_mask=b, **kw)
+                   for w, b in zip(weights, bases)]
+    seconds = (time.perf_counter() - t0) / len(group)  # the group's solve, shared evenly
+    for name, weight, (pruned, mask) in zip(group, weights, results):
         error = reconstruction_error(weight, pruned, hessian)
         set_weight_from_linear(linears[name], pruned)
         masks[name] = mask.cpu()
-        seconds = time.perf_counter() - t0 + shared_seconds
         sparsity = mask.float().mean().item()
         stats.append(dict(name=name, layer=layer_idx, target=target, sparsity=sparsity, seconds=seconds,
                           error=error))

@@ -8,7 +8,8 @@ import torch
 
 from sparsegpt.baselines import magnitude_prune, wanda_prune
 from sparsegpt.errors import UserError
-from sparsegpt.solver import inverse_hessian_factor, prune_matrix, prune_with_factor, reconstruction_error
+from sparsegpt.solver import (inverse_hessian_factor, prune_group_with_factor, prune_matrix, prune_with_factor,
+                              reconstruction_error)
 
 
 def reference_obs(W, H, sparsity, *, prune_n=0, prune_m=0, blocksize=128, percdamp=0.01, base_mask=None):
@@ -172,6 +173,23 @@ def test_shared_factor_equals_separate_solves():
     factor = inverse_hessian_factor(H)
     for w in (W, W2):
         torch.testing.assert_close(prune_with_factor(w, factor, 0.5)[0], prune_matrix(w, H, 0.5)[0])
+
+
+@pytest.mark.parametrize("sparsity,prune_n,prune_m", [(0.6, 0, 0), (0.0, 2, 4)])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_group_solve_equals_solving_each_weight_alone(sparsity, prune_n, prune_m, with_base):
+    """q/k/v-style groups share one column loop; every weight must come out as if pruned alone."""
+    W, H, g = make_problem(6, 40, seed=11, dead=(3,))
+    weights = [W, torch.randn(10, 40, generator=g, dtype=torch.float64), torch.randn(3, 40, generator=g,
+                                                                                   dtype=torch.float64)]
+    bases = [random_base(w.shape[0], 40, sparsity, prune_n, prune_m, g) if with_base else None for w in weights]
+    factor = inverse_hessian_factor(H, dtype=torch.float64)
+    kw = dict(prune_n=prune_n, prune_m=prune_m, blocksize=16, dtype=torch.float64)
+    group = prune_group_with_factor(weights, factor, sparsity, base_masks=bases, **kw)
+    for w, base, (out, mask) in zip(weights, bases, group):
+        alone, alone_mask = prune_with_factor(w, factor, sparsity, base_mask=base, **kw)
+        assert torch.equal(mask, alone_mask)
+        torch.testing.assert_close(out, alone, rtol=1e-12, atol=1e-12)
 
 
 def test_reconstruction_error_is_squared_output_error():
