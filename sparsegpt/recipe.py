@@ -38,7 +38,6 @@ from sparsegpt.errors import UserError
 
 HOOK_TYPES = {"perplexity": (), "lm_eval": ("tasks",), "sparsity": (), "samples": ("prompts",), "custom": ("path",)}
 PHASES = ("pruned", "finetuned")
-COSMETIC = ("name", "finetune.checkpoint_every", "eval.fail_on_error")  # left out of the fingerprint
 
 
 # --------------------------------------------------------------------------------------------------- YAML
@@ -412,7 +411,7 @@ class Recipe(_Strict):
         self._check_names(stages)
         self._check_order(stages)
         resolved = self.resolved_stages()
-        self._check_precision(resolved)
+        self._check_distributed(resolved)
         for stage in resolved:
             _external_hook_check(stage.eval.hooks, f"{self._where(stage.index)}.eval.hooks")
         return self
@@ -447,7 +446,7 @@ class Recipe(_Strict):
                 what = f"{before} {prev}" if not m0 else f"the {prev} sparsity {_density(prev):g} of {before}"
                 raise ValueError(f"{here}: {cur} is below {what}: targets never decrease")
 
-    def _check_precision(self, resolved: list[ResolvedStage]) -> None:
+    def _check_distributed(self, resolved: list[ResolvedStage]) -> None:
         mp, dtype = self.distributed.mixed_precision, self.dtype
         if (mp, dtype) in (("fp16", "bfloat16"), ("bf16", "float16")):
             raise ValueError(f"distributed.mixed_precision {mp} conflicts with dtype {dtype}; "
@@ -500,7 +499,8 @@ class Recipe(_Strict):
         return out
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the resolved recipe, minus COSMETIC fields: equal means same run."""
+        """sha256 of the canonical JSON of the resolved recipe: equal means the same run. Left out, as they change no
+        result: the recipe name, finetune.checkpoint_every and eval.fail_on_error (so a run can resume with them changed)."""
         stages = []
         for stage in self.resolved_stages():
             body = stage.model_dump(mode="json")
@@ -601,30 +601,21 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def deepspeed_config(recipe: Recipe, world_size: int) -> dict | None:
-    """The DeepSpeed config for the recipe's ZeRO settings, or None for zero_stage 0 (single process / DDP)."""
+    """The DeepSpeed config for the recipe's ZeRO settings, or None for zero_stage 0 (single process / DDP).
+
+    Built on the trainer's `finetune.deepspeed_config` (bucket sizes stay "auto" for accelerate to size from the
+    model) with the batch geometry, clipping and precision made explicit."""
+    from sparsegpt.finetune import deepspeed_config as trainer_config
+
     dist = recipe.distributed
     if world_size < 1:
         raise UserError(f"world_size must be >= 1, got {world_size}")
     if dist.zero_stage == 0:
         return None
-    zero: dict[str, Any] = {"stage": dist.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
-    if dist.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if dist.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if dist.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     norms = [s.finetune.max_grad_norm for s in recipe.resolved_stages() if s.finetune is not None]
-    config = {
-        "train_micro_batch_size_per_gpu": dist.micro_batch_size,
-        "gradient_accumulation_steps": dist.grad_accum,
-        "train_batch_size": dist.micro_batch_size * dist.grad_accum * world_size,
-        "gradient_clipping": (norms[0] or 0.0) if norms else 0.0,  # one value across stages (checked); 0 = off
-        "zero_optimization": zero,
-        "bf16": {"enabled": dist.mixed_precision == "bf16"},
-        "fp16": {"enabled": dist.mixed_precision == "fp16"},
-    }
-    if dist.offload_optimizer:
-        # the trainer brings its own (mask-aware) torch optimizer; DeepSpeed refuses one under offload otherwise
-        config["zero_force_ds_cpu_optimizer"] = False
+    config = trainer_config(dist.zero_stage, dist.offload_optimizer, dist.offload_params, dist.micro_batch_size,
+                            dist.grad_accum, norms[0] if norms else None)  # one value across stages (checked)
+    config["train_batch_size"] = dist.micro_batch_size * dist.grad_accum * world_size
+    config["bf16"] = {"enabled": dist.mixed_precision == "bf16"}
+    config["fp16"] = {"enabled": dist.mixed_precision == "fp16"}
     return config
