@@ -13,7 +13,7 @@ Fine-tuning, per process, for P parameters of which Pt train (all, or LoRA's r·
     masks: 1 byte per pruned-linear weight, split like the weights;
     activations (Korthikanti et al. 2022; SDPA keeps no s² scores): 34·s·b·h bytes per layer at 2 bytes a value,
     with gradient checkpointing each layer's input s·b·h values plus one layer in full; logits s·b·V fp32 × 2;
-    KD: the teacher's weights in the compute dtype (ZeRO-3 splits them too) and its logits.
+    KD: the teacher's weights (in the model dtype; under ZeRO-3 split, in the compute dtype) and its logits.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def _finetune_step(facts: _Facts, stage: ResolvedStage, recipe: Recipe, world_si
                             else facts.layers * full_layer)
     kd = f.kd is not None
     parts["logits"] = s * mb * facts.vocab * (8 + (compute if kd else 0))
-    parts["teacher"] = P * compute / weight_shards if kd else 0
+    parts["teacher"] = P * (compute if d.zero_stage == 3 else b) / weight_shards if kd else 0  # ZeRO-3: DS inference
     cpu = 0.0
     if d.offload_optimizer:
         cpu += parts["optimizer"] + parts["master"]

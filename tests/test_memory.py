@@ -7,7 +7,7 @@ from transformers import LlamaConfig, OPTConfig
 
 from sparsegpt.errors import UserError
 from sparsegpt.memory import GIB, estimate, format_plan, plan_for
-from sparsegpt.recipe import Recipe
+from sparsegpt.recipe import Recipe, load_recipe
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=False)
@@ -110,3 +110,14 @@ def test_plan_for_reads_only_the_config(tmp_path):
     offline = recipe().model_copy(update={"model": "nobody/no-such-model"})
     with pytest.raises(UserError, match="cannot read the config of 'nobody/no-such-model'"):
         plan_for(offline)
+
+
+def test_opt13b_recipe_header_states_this_estimate():
+    # facebook/opt-13b's published config.json
+    config = OPTConfig(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480,
+                       word_embed_proj_dim=5120, vocab_size=50272, max_position_embeddings=2048, dtype="float16")
+    path = "recipes/opt13b_90.yaml"
+    e = estimate(config, load_recipe(path), 8)
+    header = open(path).read().split("\nname:")[0]
+    assert f"{e['prune']['device']:.1f} GiB on the GPU, {e['prune']['cpu']:.1f} GiB CPU" in header
+    assert f"{e['finetune']['device']:.1f} GiB on the GPU" in header
