@@ -93,7 +93,7 @@ def main() -> None:
             args.worker.write_text(json.dumps(result))
         return
     os.environ.setdefault("SPARSEGPT_NO_PROGRESS", "1")
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # like each DeepSpeed process: threads fighting over a shared box only add noise
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):

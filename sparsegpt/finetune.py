@@ -216,23 +216,25 @@ def _configure_deepspeed(accelerator, cfg: FinetuneConfig) -> int:
 
 @dataclass
 class _Slot:
-    """One masked, trainable weight and its mask laid out like each copy of it that must be re-zeroed."""
+    """One masked, trainable weight and its keep-multiplier (1 = kept, 0 = pruned) for each copy to re-zero."""
 
     param: nn.Parameter
-    full: Tensor                # mask in the param's layout, on its device
-    flat: Tensor | None = None  # this rank's slice of the flattened mask (ZeRO partition / fragment)
-    _flat_on: dict = field(default_factory=dict)
+    keep: Tensor                # in the param's layout, device and dtype
+    flat: Tensor | None = None  # float32 (CPU): this rank's slice of the flattened keep (ZeRO partition / fragment)
+    _cache: dict = field(default_factory=dict)
 
-    def flat_on(self, device: torch.device) -> Tensor:
-        """`flat` on `device`, copied there once."""
-        if device not in self._flat_on:
-            self._flat_on[device] = self.flat.to(device)
-        return self._flat_on[device]
+    def flat_like(self, tensor: Tensor) -> Tensor:
+        """`flat` on tensor's device and dtype, converted once."""
+        key = (tensor.device, tensor.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.flat.to(device=tensor.device, dtype=tensor.dtype)
+        return self._cache[key]
 
 
 class MaskEnforcer:
     """Re-zeroes masked entries of weights, fp32 master weights and Adam moments after an optimizer step,
-    through DeepSpeed's fragment/partition accessors where DeepSpeed owns them, touching only local data."""
+    through DeepSpeed's fragment/partition accessors where DeepSpeed owns them, touching only local data.
+    Zeroing is a multiply by the keep mask (several times faster than masked_fill_ on CPU; 0 stays 0)."""
 
     def __init__(self, model: nn.Module, masks: MaskSet, optimizer):
         self.optimizer = optimizer
@@ -241,19 +243,19 @@ class MaskEnforcer:
             param = module.weight
             if not param.requires_grad:
                 continue
-            full = mask_in_param_layout(module, masks.masks[name])
-            slot = _Slot(param, full.to(param.device))
+            keep = (~mask_in_param_layout(module, masks.masks[name])).float()
+            slot = _Slot(param, keep.to(device=param.device, dtype=param.dtype))
             if hasattr(param, "ds_id"):  # ZeRO-3: rank r owns [r*n, (r+1)*n) of the flattened, padded weight
                 from deepspeed import comm as dist
 
                 n = param.ds_tensor.numel()
                 rank = dist.get_rank(group=param.ds_process_group)
-                padded = torch.zeros(n * dist.get_world_size(group=param.ds_process_group), dtype=torch.bool)
-                padded[: full.numel()] = full.flatten()
+                padded = torch.zeros(n * dist.get_world_size(group=param.ds_process_group))
+                padded[: keep.numel()] = keep.flatten()
                 slot.flat = padded[rank * n:(rank + 1) * n].clone()
             elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer: a fragment
                 address = param._hp_mapping.lp_fragment_address
-                slot.flat = full.flatten()[address.start:address.start + address.numel].clone()
+                slot.flat = keep.flatten()[address.start:address.start + address.numel].clone()
             self.slots.append(slot)
 
     @torch.no_grad()
@@ -263,19 +265,19 @@ class MaskEnforcer:
             param = slot.param
             if hasattr(param, "ds_id"):
                 self._zero3(slot)
-            else:
-                mapping = getattr(param, "_hp_mapping", None)
-                if mapping is not None:
-                    _masked_zero(mapping.get_hp_fragment(), slot)
-                    if mapping.optim_fragment:  # linked by DeepSpeed after the first real step
-                        for key in ADAM_STATES:
-                            _masked_zero(mapping.get_hp_fragment(key), slot)
-                elif not hasattr(param, "_hp_mapping"):  # plain torch optimizer owns the state
+                continue
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is not None:
+                _zero_flat(mapping.get_hp_fragment(), slot)
+                if mapping.optim_fragment:  # linked by DeepSpeed after the first real step
                     for key in ADAM_STATES:
-                        state = self.optimizer.state.get(param, {}).get(key)
-                        if state is not None:
-                            state.masked_fill_(slot.full, 0)
-                param.data.masked_fill_(slot.full, 0)
+                        _zero_flat(mapping.get_hp_fragment(key), slot)
+            elif not hasattr(param, "_hp_mapping"):  # plain torch optimizer owns the state
+                for key in ADAM_STATES:
+                    state = self.optimizer.state.get(param, {}).get(key)
+                    if state is not None:
+                        state.mul_(slot.keep)
+            param.data.mul_(slot.keep)
 
     @staticmethod
     def _zero3(slot: _Slot) -> None:
@@ -283,14 +285,13 @@ class MaskEnforcer:
                                      safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
         param = slot.param
-        hp = safe_get_local_fp32_param(param)
-        safe_set_local_fp32_param(param, _masked_zero(hp, slot))
+        safe_set_local_fp32_param(param, _zero_flat(safe_get_local_fp32_param(param), slot))
         for key in ADAM_STATES:
             state = safe_get_local_optimizer_state(param, key)
-            safe_set_local_optimizer_state(param, _masked_zero(state, slot), key)
-        _masked_zero(param.ds_tensor.data, slot)
-        if param.data.numel() == slot.full.numel():  # a persistent (never partitioned away) parameter
-            param.data.masked_fill_(slot.full, 0)
+            safe_set_local_optimizer_state(param, _zero_flat(state, slot), key)
+        _zero_flat(param.ds_tensor.data, slot)
+        if param.data.numel() == slot.keep.numel():  # a persistent (never partitioned away) parameter
+            param.data.mul_(slot.keep)
 
     @torch.no_grad()
     def revived(self) -> int:
@@ -300,15 +301,15 @@ class MaskEnforcer:
             param = slot.param
             if hasattr(param, "ds_id"):
                 local = param.ds_tensor.data.flatten()
-                total += int(torch.count_nonzero(local[slot.flat_on(local.device)]))
+                total += int(((local != 0) & (slot.flat_like(local) == 0)).sum())
             else:
-                total += int(torch.count_nonzero(param.data[slot.full]))
+                total += int(((param.data != 0) & (slot.keep == 0)).sum())
         return total
 
 
-def _masked_zero(tensor: Tensor, slot: _Slot) -> Tensor:
+def _zero_flat(tensor: Tensor, slot: _Slot) -> Tensor:
     """Zero the masked entries of a flat local copy (partition / fragment) of slot's weight in place; returns it."""
-    tensor.view(-1).masked_fill_(slot.flat_on(tensor.device), 0)
+    tensor.view(-1).mul_(slot.flat_like(tensor))
     return tensor
 
 
@@ -427,11 +428,12 @@ def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneC
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     accelerator.gradient_accumulation_steps = cfg.grad_accum
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine, optimizer = accelerator.prepare(trainable, optimizer)
+    # after prepare: the hooks' masks take the weights' final device and dtype
     hooks = masks.grad_hooks(model) if cfg.mask_enforcement in ("full", "hooks") else []
     try:
-        params = [p for p in trainable.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        engine, optimizer = accelerator.prepare(trainable, optimizer)
         if kd is not None:
             from sparsegpt.distill import prepare_teacher
 

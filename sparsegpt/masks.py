@@ -112,15 +112,17 @@ class MaskSet:
 
     def grad_hooks(self, model: nn.Module) -> list[RemovableHandle]:
         """Zero every masked weight's gradient at masked positions as autograd produces it (before accumulation,
-        all-reduce or ZeRO partitioning); frozen weights get no hook. Remove the returned handles when done."""
+        all-reduce or ZeRO partitioning); frozen weights get no hook. Register them once the weights have their
+        final device and dtype: each hook multiplies by a keep mask (1 = kept) of that device and dtype, which
+        is several times faster than masked_fill on CPU. Remove the returned handles when done."""
         self.check_shapes(model)
         handles = []
         for name, module in self.modules(model).items():
             weight = module.weight
             if not weight.requires_grad:
                 continue
-            mask = mask_in_param_layout(module, self.masks[name]).to(weight.device)
-            handles.append(weight.register_hook(lambda grad, mask=mask: grad.masked_fill(mask, 0)))
+            keep = (~mask_in_param_layout(module, self.masks[name])).to(device=weight.device, dtype=weight.dtype)
+            handles.append(weight.register_hook(lambda grad, keep=keep: grad * keep))
         log.debug("registered %d gradient mask hooks", len(handles))
         return handles
 

@@ -1,10 +1,10 @@
 """One process of the multi-process tests (`accelerate launch ... tests/zero_worker.py OUT_DIR` for DeepSpeed,
 `torchrun` for DDP), and the tiny pruned-model helpers the single-process fine-tuning tests share.
 
-Each process trains a tiny 70 %-pruned Llama three times: without enforcement (the negative control: the
-pruned weights revive), with post-step enforcement only (no gradient hooks, so the gradients at masked
-positions are non-zero and only the enforcer keeps master weights and moments at 0), and with full
-enforcement. It counts non-zeros of the fp32 master weights and Adam moments at every masked position, the
+Each process trains a tiny 70 %-pruned Llama four times: without enforcement (the negative control: the
+pruned weights revive), with the gradient hooks only, with post-step enforcement only (no hooks, so the
+gradients at masked positions are non-zero and only the enforcer keeps master weights and moments at 0), and
+with both. It counts non-zeros of the fp32 master weights and Adam moments at every masked position, the
 loss on a fixed batch, and saves the model to OUT_DIR/model-{enforcement}. Results go to OUT_DIR/rank{r}.json;
 the test asserts on them and reloads the saved models with plain transformers.
 """
@@ -133,7 +133,7 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
     out_dir = Path(out)
-    reports = [_run(accelerator, enforcement, out_dir) for enforcement in ("none", "step", "full")]
+    reports = [_run(accelerator, enforcement, out_dir) for enforcement in ("none", "hooks", "step", "full")]
     plugin = accelerator.state.deepspeed_plugin
     backend = f"zero{plugin.deepspeed_config['zero_optimization']['stage']}" if plugin is not None else "ddp"
     record = {"rank": accelerator.process_index, "world": accelerator.num_processes, "backend": backend,
