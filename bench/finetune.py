@@ -66,6 +66,30 @@ def run_modes(steps: int, repeats: int, warmup: int) -> dict:
                       for m, r in runs.items()}}
 
 
+def direct_costs(repeats: int = 20) -> dict:
+    """Noise-resistant cost of the enforcement work itself on this model (best of `repeats`, one thread): the
+    hooks' multiplies over all masked gradients, and one post-step MaskEnforcer call (weights + both moments)."""
+    from sparsegpt.finetune import MaskEnforcer
+
+    model, masks = _model_and_masks()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 4096, (MICRO_BATCH, SEQLEN), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    enforcer = MaskEnforcer(model, masks, optimizer)
+    grads = [(slot.param.grad, slot.keep) for slot in enforcer.slots]
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return {"hooks_s": best(lambda: [g * k for g, k in grads]), "enforcer_s": best(enforcer)}
+
+
 def _launch(backend: str, args: argparse.Namespace, out: Path) -> dict:
     """The same measurement in 2 DeepSpeed processes launched with recipes/accelerate/{backend}.yaml."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
@@ -103,6 +127,11 @@ def main() -> None:
             print(f"{backend}: {time.time() - t0:.0f}s wall", file=sys.stderr)
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}")
+    costs = direct_costs()
+    none_single = results["single"]["modes"]["none"]["step_s"] if "single" in results else float("nan")
+    print(f"enforcement work per step, single process (best of 20): hooks {1000 * costs['hooks_s']:.2f} ms + "
+          f"post-step {1000 * costs['enforcer_s']:.2f} ms = "
+          f"{100 * (costs['hooks_s'] + costs['enforcer_s']) / none_single:.1f} % of the median unenforced step")
     print("| backend | processes | " + " | ".join(f"{m} step ms" for m in MODES) + " | full tok/s | full overhead |")
     print("|---|---|" + "---|" * len(MODES) + "---|---|")
     for backend, r in results.items():
@@ -111,7 +140,7 @@ def main() -> None:
         print(f"| {backend} | {r['processes']} | " + " | ".join(f"{1000 * step[m]:.1f}" for m in MODES)
               + f" | {r['modes']['full']['tokens_per_s']:.0f} | {100 * overhead:+.1f} % |")
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=1))
+        args.out.write_text(json.dumps({"backends": results, "direct_single": costs}, indent=1))
 
 
 if __name__ == "__main__":
