@@ -401,6 +401,8 @@ class Recipe(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     stages: list[Stage] | None = Field(None, min_length=1)
     schedule: Schedule | None = None
+    # accelerate trackers fed every evaluation (logs under RUN_DIR/trackers); not part of the fingerprint
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -165,6 +165,10 @@ class Scheduler:
         if errors:
             record["errors"] = errors
         append_metrics(self.rd.root, record)
+        if self.recipe.trackers:  # one tracker step per evaluation, in run order
+            from sparsegpt.evaluation import flatten_for_trackers
+
+            self.acc.log(flatten_for_trackers(record), step=2 * index + (phase == "finetuned"))
         return record
 
     # -- the stage ----------------------------------------------------------------------------------------------
@@ -324,7 +328,7 @@ def _short(metrics: dict) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def build_accelerator(recipe):
+def build_accelerator(recipe, run_dir: Path):
     """An Accelerator whose DeepSpeed plugin (if any) is built from the recipe's `distributed` settings."""
     from datetime import timedelta
 
@@ -344,7 +348,8 @@ def build_accelerator(recipe):
     backend = "gloo" if plugin is not None and not torch.cuda.is_available() else None
     kwargs = [InitProcessGroupKwargs(timeout=timedelta(hours=12), backend=backend)]
     return Accelerator(mixed_precision=dist.mixed_precision, deepspeed_plugin=plugin,
-                       gradient_accumulation_steps=dist.grad_accum, kwargs_handlers=kwargs)
+                       gradient_accumulation_steps=dist.grad_accum, kwargs_handlers=kwargs,
+                       log_with=list(recipe.trackers) or None, project_dir=str(run_dir / "trackers"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,7 +395,7 @@ def _main(args) -> int:
         print(plan_for(recipe, world_size=int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
     _check_inputs(recipe)
-    accelerator = build_accelerator(recipe)
+    accelerator = build_accelerator(recipe, run_dir)
     if accelerator.is_main_process:
         log.info("accelerator: %s, %d process(es), zero stage %d", accelerator.distributed_type.value,
                  accelerator.num_processes, recipe.distributed.zero_stage)
@@ -399,6 +404,8 @@ def _main(args) -> int:
         _dense_ready(recipe)  # converts a GGUF once, before the other ranks look for it
     accelerator.wait_for_everyone()
     rd = RunDir(run_dir)
+    if recipe.trackers:
+        accelerator.init_trackers(recipe.name, config={"recipe": recipe.fingerprint()[:12], "model": recipe.model})
     torch.manual_seed(recipe.seed)
     records = Scheduler(recipe, rd, accelerator).run()
     if accelerator.is_main_process:
@@ -413,6 +420,11 @@ def _check_inputs(recipe) -> None:
     from sparsegpt.models import check_model
 
     check_model(recipe.model)
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    for tracker, available in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available)):
+        if tracker in recipe.trackers and not available():
+            raise UserError(f"trackers: {tracker} is not installed; pip install {tracker}, or remove it from trackers")
     for src in {recipe.data.calibration, recipe.data.finetune, *recipe.data.eval}:
         check_source(src)
 

@@ -24,6 +24,7 @@ name: tiny3
 model: {model}
 dtype: float32
 seed: 0
+trackers: [tensorboard]
 data: {{calibration: stdlib-docs}}
 defaults:
   prune: {{nsamples: 8, seqlen: 32, batch_size: 4, blocksize: 16}}
@@ -104,6 +105,15 @@ def test_three_stage_run_writes_the_contract(reference):
     assert measured == pytest.approx(recs[-1]["sparsity"], abs=1e-9)
     # the stage table is printed after each stage
     assert "s90" in proc.stdout
+    # every evaluation also went to the recipe's tracker (tensorboard event files under RUN_DIR/trackers)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run_dir / "trackers").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = events.Scalars("finetuned/ppl/stdlib-docs")
+    assert [e.step for e in logged] == [1, 3, 5]
+    assert [e.value for e in logged] == pytest.approx(
+        [r["metrics"]["ppl/stdlib-docs"] for r in recs if r["phase"] == "finetuned"], rel=1e-6)
 
 
 # One run killed four times in a row, each time at another kind of point, then resumed to the end. Failpoint
