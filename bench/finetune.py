@@ -87,7 +87,7 @@ def direct_costs(repeats: int = 20) -> dict:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    return {"hooks_s": best(lambda: [g * k for g, k in grads]), "enforcer_s": best(enforcer)}
+    return {"hooks_s": best(lambda: [g.mul_(k) for g, k in grads]), "enforcer_s": best(enforcer)}
 
 
 def _launch(backend: str, args: argparse.Namespace, out: Path) -> dict:

@@ -113,8 +113,10 @@ class MaskSet:
     def grad_hooks(self, model: nn.Module) -> list[RemovableHandle]:
         """Zero every masked weight's gradient at masked positions as autograd produces it (before accumulation,
         all-reduce or ZeRO partitioning); frozen weights get no hook. Register them once the weights have their
-        final device and dtype: each hook multiplies by a keep mask (1 = kept) of that device and dtype, which
-        is several times faster than masked_fill on CPU. Remove the returned handles when done."""
+        final device and dtype: each hook multiplies by a keep mask (1 = kept) of that device and dtype (several
+        times faster than masked_fill on CPU), in place: a weight's gradient is a fresh matmul result that
+        nothing else holds, and skipping a weight-sized allocation per step halves the hooks' cost on CPU.
+        Remove the returned handles when done."""
         self.check_shapes(model)
         handles = []
         for name, module in self.modules(model).items():
@@ -122,7 +124,7 @@ class MaskSet:
             if not weight.requires_grad:
                 continue
             keep = (~mask_in_param_layout(module, self.masks[name])).to(device=weight.device, dtype=weight.dtype)
-            handles.append(weight.register_hook(lambda grad, keep=keep: grad * keep))
+            handles.append(weight.register_hook(lambda grad, keep=keep: grad.mul_(keep)))
         log.debug("registered %d gradient mask hooks", len(handles))
         return handles
 
