@@ -232,10 +232,11 @@ class Scheduler:
         else:
             model, tok = self._load(pruned)
             masks = MaskSet.load(pruned / "mask.safetensors")
-        if "pruned" in stage.eval.phases:
-            rec = self._evaluate(model, tok, i, "pruned", masks, time.time() - t0)
+        t_eval = time.time()
+        if "pruned" in stage.eval.phases:  # its record's `seconds` is the whole phase: prune + evaluation
+            rec = self._evaluate(model, tok, i, "pruned", masks, t_eval - t0)
             log.info("stage %s pruned: sparsity %.4f %s", stage.name, rec["sparsity"], _short(rec["metrics"]))
-        self._mark(state, i, "eval_pruned", time.time() - t0)
+        self._mark(state, i, "eval_pruned", time.time() - t_eval)
         del model
         gc.collect()
 
