@@ -1,6 +1,6 @@
 """Shared Hessians (one per input group: q/k/v, gate/up) versus one Hessian per linear, as model width grows.
 
-Prunes random-weight Llama-shaped decoders (2 layers, GQA 4:1, MLP 8/3 × hidden) with SparseGPT through the real
+Prunes random-weight Llama-shaped decoders (2 layers, grouped-query attention, MLP 8/3 × hidden) with SparseGPT through the real
 driver, once with `shared_hessian=True` and once with False, on the same calibration batch, and reports the
 pruning time of each (best of --repeats) and the max weight difference (expected 0: the same math).
 
@@ -21,8 +21,9 @@ from sparsegpt.sequential import PruneConfig, prune_model
 
 def build(hidden: int, layers: int) -> LlamaForCausalLM:
     heads = max(hidden // 64, 4)
+    kv_heads = next(d for d in range(max(heads // 3, 1), 0, -1) if heads % d == 0)  # GQA, ~3-4 queries per kv head
     config = LlamaConfig(hidden_size=hidden, intermediate_size=(8 * hidden // 3 + 63) // 64 * 64,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1),
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          vocab_size=1024, max_position_embeddings=512)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
