@@ -67,9 +67,8 @@ class RunDir:
         _atomic_write_text(self.state_path, json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
-def prepare_run_dir(run_dir: Path, recipe, recipe_text: str) -> RunDir:
-    """Create the run dir for this recipe, or check that an existing one was made by the same recipe."""
-    rd = RunDir(run_dir)
+def check_run_dir(run_dir: Path, recipe) -> None:
+    """Refuse a run dir made by another recipe, or a non-empty folder that is no run dir; writes nothing."""
     recorded = run_dir / "recipe.yaml"
     if recorded.exists():
         from sparsegpt.recipe import load_recipe
@@ -79,9 +78,17 @@ def prepare_run_dir(run_dir: Path, recipe, recipe_text: str) -> RunDir:
             raise UserError(
                 f"run dir {run_dir} holds another recipe ({old.name!r}, fingerprint {old.fingerprint()[:12]} != "
                 f"{recipe.fingerprint()[:12]}); pass a new --run-dir or the recipe it was started with")
-        return rd
-    if run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run dir {run_dir} exists, is not empty and has no recipe.yaml; pass an empty or new --run-dir")
+
+
+def prepare_run_dir(run_dir: Path, recipe, recipe_text: str) -> RunDir:
+    """Create the run dir for this recipe (checked with `check_run_dir` first), or reuse the one it made."""
+    check_run_dir(run_dir, recipe)
+    rd = RunDir(run_dir)
+    recorded = run_dir / "recipe.yaml"
+    if recorded.exists():
+        return rd
     run_dir.mkdir(parents=True, exist_ok=True)
     rd.save_state({"stages": {}, "fingerprint": recipe.fingerprint(), "created": time.time()})
     _atomic_write_text(recorded, recipe_text)  # written last: its presence marks a run dir as initialised
@@ -396,6 +403,7 @@ def _main(args) -> int:
         print(plan_for(recipe, world_size=int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
     _check_inputs(recipe)
+    check_run_dir(run_dir, recipe)
     accelerator = build_accelerator(recipe, run_dir)
     if accelerator.is_main_process:
         log.info("accelerator: %s, %d process(es), zero stage %d", accelerator.distributed_type.value,
