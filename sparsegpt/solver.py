@@ -124,13 +124,16 @@ def prune_group_with_factor(weights: list[Tensor], factor: InverseFactor, sparsi
         i2 = min(i1 + blocksize, cols)
         W1, h1 = W[:, i1:i2], hinv[i1:i2, i1:i2]  # W1 is a view: updates land in W
         d = h1.diagonal()
-        score = W1.square() / d.square()
-        if prune_m:
-            mask1 = nm_mask(score, prune_n, prune_m, forced[:, i1:i2])
-        else:  # the block's quota is per weight, as if each were pruned alone
+        if prune_m:  # chosen group by group inside the column loop, from the weights updated so far (as the paper)
+            mask1 = torch.zeros_like(forced[:, i1:i2])
+        else:  # the whole block at its start; the quota is per weight, as if each were pruned alone
+            score = W1.square() / d.square()
             mask1 = torch.cat([unstructured_mask(score[r0:r1], sparsity, forced[r0:r1, i1:i2]) for r0, r1 in bounds])
         err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
+            if prune_m and i % prune_m == 0:
+                g = slice(i, i + prune_m)
+                mask1[:, g] = nm_mask(W1[:, g].square() / d[g].square(), prune_n, prune_m, forced[:, i1:i2][:, g])
             err = torch.where(mask1[:, i], W1[:, i], 0) / d[i]
             W1[:, i].masked_fill_(mask1[:, i], 0)
             W1[:, i + 1:] -= torch.outer(err, h1[i, i + 1:])

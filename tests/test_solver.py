@@ -13,7 +13,8 @@ from sparsegpt.solver import (inverse_hessian_factor, prune_group_with_factor, p
 
 
 def reference_obs(W, H, sparsity, *, prune_n=0, prune_m=0, blocksize=128, percdamp=0.01, base_mask=None):
-    """Textbook OBS: mask per block from the current weights, then each column updates all later ones at once."""
+    """Textbook OBS: unstructured masks per block (N:M per group of M) from the current weights, then each column
+    updates all later ones at once."""
     W, H = W.double().clone(), H.double().clone()
     rows, cols = W.shape
     dead = H.diagonal() == 0
@@ -30,19 +31,20 @@ def reference_obs(W, H, sparsity, *, prune_n=0, prune_m=0, blocksize=128, percda
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        score = W[:, i1:i2] ** 2 / U.diagonal()[i1:i2] ** 2
-        score[forced[:, i1:i2]] = -math.inf
-        block = torch.zeros(rows, i2 - i1, dtype=torch.bool)
-        if prune_m:
-            for r in range(rows):
-                for g in range(0, i2 - i1, prune_m):
-                    k = max(prune_n, int(forced[r, i1 + g:i1 + g + prune_m].sum()))
-                    block[r, g + torch.argsort(score[r, g:g + prune_m])[:k]] = True
-        else:
+        if not prune_m:  # unstructured: the whole block's mask from the weights at the block start
+            score = W[:, i1:i2] ** 2 / U.diagonal()[i1:i2] ** 2
+            score[forced[:, i1:i2]] = -math.inf
             k = max(round(sparsity * rows * (i2 - i1)), int(forced[:, i1:i2].sum()))
+            block = torch.zeros(rows, i2 - i1, dtype=torch.bool)
             block.view(-1)[torch.argsort(score.flatten())[:k]] = True
-        mask[:, i1:i2] = block
+            mask[:, i1:i2] = block
         for i in range(i1, i2):
+            if prune_m and (i - i1) % prune_m == 0:  # N:M: each group of M from the weights updated so far
+                score = W[:, i:i + prune_m] ** 2 / U.diagonal()[i:i + prune_m] ** 2
+                score[forced[:, i:i + prune_m]] = -math.inf
+                for r in range(rows):
+                    k = max(prune_n, int(forced[r, i:i + prune_m].sum()))
+                    mask[r, i + torch.argsort(score[r])[:k]] = True
             err = torch.where(mask[:, i], W[:, i], 0.0) / U[i, i]
             W[:, i:] -= torch.outer(err, U[i, i:])
     W[mask] = 0.0
