@@ -151,6 +151,10 @@ class MaskSet:
             masks = {}
             for name, shape in shapes.items():
                 numel = int(np.prod(shape))
-                bits = np.unpackbits(f.get_tensor(name).numpy(), count=numel)
+                packed = f.get_tensor(name).numpy()
+                if packed.size != (numel + 7) // 8:  # unpackbits would silently pad a short tensor with "kept"
+                    raise UserError(f"{path}: mask {name} holds {packed.size} bytes, shape {shape} needs "
+                                    f"{(numel + 7) // 8}; the file is truncated or corrupt")
+                bits = np.unpackbits(packed, count=numel)
                 masks[name] = torch.from_numpy(bits.astype(bool)).reshape(shape)
         return cls(masks)

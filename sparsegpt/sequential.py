@@ -224,6 +224,10 @@ def _accumulate(layer, batches, linears, groups, device, *, diag_only: bool,
     finally:
         for h in handles:
             h.remove()
+    silent = [k for k in sums if not counts[k]]
+    if silent:
+        raise UserError(f"{', '.join(silent)} never ran in the decoder layer's forward; exclude it (--exclude) "
+                        "or report the architecture")
     return {k: v * (2.0 / counts[k]) for k, v in sums.items()}, outputs
 
 

@@ -69,6 +69,18 @@ def test_save_load_roundtrip_is_bit_exact_and_packed(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask.safetensors"]  # no temp file left behind
 
 
+def test_load_rejects_a_truncated_mask(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "mask.safetensors"
+    MaskSet({"a": torch.ones(4, 8, dtype=torch.bool)}).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, packed = f.metadata(), f.get_tensor("a")
+    save_file({"a": packed[:-1]}, str(path), metadata=meta)  # one byte short: 24 of 32 bits
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        MaskSet.load(path)
+
+
 def test_load_rejects_missing_and_foreign_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         MaskSet.load(tmp_path / "nope.safetensors")
