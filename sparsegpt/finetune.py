@@ -57,6 +57,7 @@ class FinetuneConfig:
     kd_temperature: float = 1.0
     lora_r: int = 0
     lora_alpha: int = 16
+    lora_dropout: float = 0.0
     lora_targets: list[str] | None = None
     checkpoint_every: int = 0
     log_every: int = 10
@@ -174,14 +175,18 @@ def deepspeed_plugin(zero_stage: int, offload_optimizer: bool = False, offload_p
     return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=zero3_init and zero_stage == 3)
 
 
-def cpu_deepspeed_handlers() -> list:
-    """Accelerator kwargs_handlers for a DeepSpeed launch on a machine without CUDA: the gloo backend (without it
-    accelerate counts every rank as process 0 of 1); [] elsewhere."""
-    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+def cpu_deepspeed_handlers(deepspeed: bool | None = None, timeout=None) -> list:
+    """Accelerator kwargs_handlers: the gloo backend for DeepSpeed on a machine without CUDA (without it accelerate
+    counts every rank as process 0 of 1), and a collective `timeout` (datetime.timedelta) if given.
+    `deepspeed` None = as `accelerate launch` said (ACCELERATE_USE_DEEPSPEED)."""
+    if deepspeed is None:
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    backend = "gloo" if deepspeed and not torch.cuda.is_available() else None
+    if backend is None and timeout is None:
         return []
     from accelerate.utils import InitProcessGroupKwargs
 
-    return [InitProcessGroupKwargs(backend="gloo")]
+    return [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
 
 
 def _configure_deepspeed(accelerator, cfg: FinetuneConfig) -> int:
@@ -422,7 +427,8 @@ def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneC
                             "use ZeRO-2 or DDP with LoRA (the adapters are small)")
         from sparsegpt.lora import LoraSettings, add_sparse_lora
 
-        trainable = add_sparse_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets))
+        trainable = add_sparse_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                                             targets=cfg.lora_targets))
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     if cfg.gradient_checkpointing:

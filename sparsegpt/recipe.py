@@ -232,27 +232,20 @@ class FinetuneSettings(_Strict):
     def to_config(self, *, seed: int, micro_batch_size: int, grad_accum: int, world_size: int,
                   seqlen: int | None = None):
         """The trainer's `finetune.FinetuneConfig` for this stage (tokens and warmup_ratio become steps)."""
-        from dataclasses import fields
-
         from sparsegpt.finetune import FinetuneConfig
 
         steps = self.num_steps(world_size, micro_batch_size=micro_batch_size, grad_accum=grad_accum, seqlen=seqlen)
         warmup = self.warmup_steps if self.warmup_ratio is None else round(self.warmup_ratio * steps)
         kd, lora = self.kd, self.lora
-        extra = {}
-        if lora is not None and lora.dropout:
-            if "lora_dropout" not in {f.name for f in fields(FinetuneConfig)}:
-                raise UserError(f"finetune.lora.dropout {lora.dropout}: this trainer (finetune.FinetuneConfig) has no "
-                                f"LoRA dropout; set dropout: 0")
-            extra["lora_dropout"] = lora.dropout
         return FinetuneConfig(
             steps=steps, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=warmup or 0,
             schedule=self.schedule, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
             max_grad_norm=self.max_grad_norm, seed=seed, gradient_checkpointing=self.gradient_checkpointing,
             kd_logit_weight=kd.logit_weight if kd else 0.0, kd_hidden_weight=kd.hidden_weight if kd else 0.0,
             kd_temperature=kd.temperature if kd else 1.0, lora_r=lora.r if lora else 0,
-            lora_alpha=lora.alpha if lora else 16, lora_targets=lora.targets if lora else None,
-            checkpoint_every=self.checkpoint_every, **extra)
+            lora_alpha=lora.alpha if lora else 16, lora_dropout=lora.dropout if lora else 0.0,
+            lora_targets=lora.targets if lora else None,
+            checkpoint_every=self.checkpoint_every)
 
 
 class EvalSettings(_Strict):

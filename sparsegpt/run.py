@@ -83,8 +83,7 @@ def check_run_dir(run_dir: Path, recipe) -> None:
 
 
 def prepare_run_dir(run_dir: Path, recipe, recipe_text: str) -> RunDir:
-    """Create the run dir for this recipe (checked with `check_run_dir` first), or reuse the one it made."""
-    check_run_dir(run_dir, recipe)
+    """Create the run dir for this recipe, or reuse the one it made (call `check_run_dir` first)."""
     rd = RunDir(run_dir)
     recorded = run_dir / "recipe.yaml"
     if recorded.exists():
@@ -103,7 +102,10 @@ def consistent_metrics(rd: RunDir, state: dict) -> None:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     keep = []
     for line in lines:
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill mid-append: its phase was never marked done
+            continue
         phase = "eval_pruned" if rec.get("phase") == "pruned" else "eval_finetuned"
         if phase in state["stages"].get(str(rec.get("stage")), {}).get("done", []):
             keep.append(line)
@@ -341,8 +343,9 @@ def build_accelerator(recipe, run_dir: Path):
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin
 
+    from sparsegpt.finetune import cpu_deepspeed_handlers
     from sparsegpt.recipe import deepspeed_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -351,10 +354,8 @@ def build_accelerator(recipe, run_dir: Path):
     plugin = None
     if ds is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=dist.zero_stage == 3)
-    # Pruning a large model on rank 0 can take far longer than the default 30 min collective timeout. Without CUDA,
-    # DeepSpeed needs gloo named explicitly (otherwise accelerate counts every rank as process 0 of 1).
-    backend = "gloo" if plugin is not None and not torch.cuda.is_available() else None
-    kwargs = [InitProcessGroupKwargs(timeout=timedelta(hours=12), backend=backend)]
+    # Pruning a large model on rank 0 can take far longer than the default 30 min collective timeout.
+    kwargs = cpu_deepspeed_handlers(deepspeed=plugin is not None, timeout=timedelta(hours=12))
     return Accelerator(mixed_precision=dist.mixed_precision, deepspeed_plugin=plugin,
                        gradient_accumulation_steps=dist.grad_accum, kwargs_handlers=kwargs,
                        log_with=list(recipe.trackers) or None, project_dir=str(run_dir / "trackers"))
@@ -409,8 +410,10 @@ def _main(args) -> int:
         log.info("accelerator: %s, %d process(es), zero stage %d", accelerator.distributed_type.value,
                  accelerator.num_processes, recipe.distributed.zero_stage)
     if accelerator.is_main_process:
-        rd = prepare_run_dir(run_dir, recipe, recipe.to_yaml())
-        _dense_ready(recipe)  # converts a GGUF once, before the other ranks look for it
+        prepare_run_dir(run_dir, recipe, recipe.to_yaml())
+        from sparsegpt.models import resolve_model_path
+
+        resolve_model_path(recipe.model)  # converts a GGUF once, before the other ranks look for it
     accelerator.wait_for_everyone()
     rd = RunDir(run_dir)
     if recipe.trackers:
@@ -436,9 +439,3 @@ def _check_inputs(recipe) -> None:
             raise UserError(f"trackers: {tracker} is not installed; pip install {tracker}, or remove it from trackers")
     for src in {recipe.data.calibration, recipe.data.finetune, *recipe.data.eval}:
         check_source(src)
-
-
-def _dense_ready(recipe) -> None:
-    from sparsegpt.models import resolve_model_path
-
-    resolve_model_path(recipe.model)

@@ -269,11 +269,12 @@ def test_tokens_to_steps():
 
 def test_to_config_maps_onto_the_trainer():
     f = FinetuneSettings(tokens=10_000, seqlen=128, warmup_ratio=0.1, lr=3e-4,
-                         kd={"logit_weight": 0.5, "temperature": 2.0}, lora={"r": 8, "targets": ["q_proj"]})
+                         kd={"logit_weight": 0.5, "temperature": 2.0},
+                         lora={"r": 8, "targets": ["q_proj"], "dropout": 0.05})
     cfg = f.to_config(seed=3, micro_batch_size=2, grad_accum=3, world_size=1)
     assert (cfg.steps, cfg.warmup_steps, cfg.lr, cfg.seed, cfg.micro_batch_size, cfg.grad_accum) == (14, 1, 3e-4, 3, 2, 3)
     assert (cfg.kd_logit_weight, cfg.kd_hidden_weight, cfg.kd_temperature) == (0.5, 0.0, 2.0)
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_targets) == (8, 16, ["q_proj"])
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) == (8, 16, 0.05, ["q_proj"])
 
 
 def test_deepspeed_config_per_zero_stage():
