@@ -301,8 +301,9 @@ def _solve_group(group, linears, hessian, target, cfg, base_masks, layer_idx, ma
         results = [PRUNERS[cfg.method](w, hessian, target, percdamp=cfg.percdamp, base_mask=b, **kw)
                    for w, b in zip(weights, bases)]
     seconds = (time.perf_counter() - t0) / len(group)  # the group's solve, shared evenly
+    h64 = hessian.double()  # once per group: the error statistic is float64
     for name, weight, (pruned, mask) in zip(group, weights, results):
-        error = reconstruction_error(weight, pruned, hessian)
+        error = reconstruction_error(weight, pruned, h64)
         set_weight_from_linear(linears[name], pruned)
         masks[name] = mask.cpu()
         sparsity = mask.float().mean().item()
