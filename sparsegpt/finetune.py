@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from sparsegpt.errors import UserError
 from sparsegpt.failpoints import failpoint
 from sparsegpt.masks import MaskSet, mask_in_param_layout
+from sparsegpt.models import _write_atomically, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +341,7 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, manifest: dict) -> None:
     accelerator.wait_for_everyone()
     failpoint("checkpoint/before-manifest")
     if accelerator.is_main_process:
-        tmp = target / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, target / "manifest.json")
+        atomic_write_text(target / "manifest.json", json.dumps(manifest))
         for _, old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
             (old / "manifest.json").unlink()  # first un-complete it, then delete
             shutil.rmtree(old)
@@ -554,7 +553,6 @@ def save_finetuned(accelerator, model: nn.Module, tokenizer, masks: MaskSet, out
 
 def _write_model_dir(model: nn.Module, tokenizer, masks: MaskSet, state: dict, out_dir: Path) -> None:
     """Check the mask holds in the weights being saved, then write the folder atomically (models' temp + rename)."""
-    from sparsegpt.models import _write_atomically
 
     for name, module in masks.modules(model).items():
         weight = state[f"{name}.weight"]

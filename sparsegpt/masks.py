@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from sparsegpt.architectures import prunable_linears, weight_as_linear
 from sparsegpt.errors import UserError
+from sparsegpt.models import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,8 @@ class MaskSet:
         path = Path(path)
         tensors = {name: torch.from_numpy(np.packbits(m.flatten().numpy())) for name, m in self.masks.items()}
         shapes = {name: list(m.shape) for name, m in self.masks.items()}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "shapes": json.dumps(shapes)})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "shapes": json.dumps(shapes)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MaskSet:

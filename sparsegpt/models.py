@@ -7,6 +7,7 @@ so every later step works on an ordinary model. Folders are always written atomi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -15,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -169,6 +170,26 @@ def _dequantized_gguf(gguf: Path):
         if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
             raise RuntimeError(f"{gguf}: config ties lm_head to the embeddings but the rebuilt model does not")
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block completes it is fsynced and renamed onto `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never a torn one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_atomically(out_dir: Path, write: Callable[[Path], None], *, replace: bool) -> None:

@@ -30,19 +30,11 @@ from pathlib import Path
 import torch
 
 from sparsegpt.errors import UserError
+from sparsegpt.models import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 PHASES = ("prune", "eval_pruned", "finetune", "eval_finetuned")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -64,7 +56,7 @@ class RunDir:
         return {"stages": {}}
 
     def save_state(self, state: dict) -> None:
-        _atomic_write_text(self.state_path, json.dumps(state, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(self.state_path, json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 def check_run_dir(run_dir: Path, recipe) -> None:
@@ -90,7 +82,7 @@ def prepare_run_dir(run_dir: Path, recipe, recipe_text: str) -> RunDir:
         return rd
     run_dir.mkdir(parents=True, exist_ok=True)
     rd.save_state({"stages": {}, "fingerprint": recipe.fingerprint(), "created": time.time()})
-    _atomic_write_text(recorded, recipe_text)  # written last: its presence marks a run dir as initialised
+    atomic_write_text(recorded, recipe_text)  # written last: its presence marks a run dir as initialised
     return rd
 
 
@@ -111,7 +103,7 @@ def consistent_metrics(rd: RunDir, state: dict) -> None:
             keep.append(line)
     if len(keep) != len(lines):
         log.info("dropping %d metric record(s) of unfinished phases", len(lines) - len(keep))
-        _atomic_write_text(path, "".join(k + "\n" for k in keep))
+        atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 class Scheduler:
