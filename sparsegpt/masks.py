@@ -1,9 +1,12 @@
 """The mask set: which weights of the prunable linears are pruned (True = pruned, weight exactly 0).
 
-Masks are kept on the CPU in (out, in) layout, whatever the module stores (GPT-2 `Conv1D` is (in, out)).
-On disk they take 1 bit per weight: one `np.packbits` uint8 tensor per module in a safetensors file whose
-metadata holds the shapes. `grad_hooks` keeps training from reviving pruned weights: the gradient is zeroed
-at masked positions before anything accumulates or reduces it, so optimizer moments and updates stay 0 there.
+Masks are kept on the CPU in (out, in) layout, whatever the module stores (GPT-2 `Conv1D` is (in, out)), one
+per prunable matrix: a linear, or one expert of a fused MoE experts parameter (`...experts.gate_up_proj.3`,
+see `architectures`). On disk they take 1 bit per weight: one `np.packbits` uint8 tensor per mask in a
+safetensors file whose metadata holds the shapes. `grad_hooks` keeps training from reviving pruned weights: the
+gradient is zeroed at masked positions before anything accumulates or reduces it, so optimizer moments and
+updates stay 0 there. Training sees parameters, so `param_masks` stacks a fused parameter's per-expert masks
+into one mask in the parameter's own 3-D layout.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
-from sparsegpt.architectures import prunable_linears, weight_as_linear
+from sparsegpt.architectures import (
+    ExpertLinear,
+    linear_by_name,
+    linear_shape,
+    param_shape,
+    prunable_linears,
+    weight_as_linear,
+)
 from sparsegpt.errors import UserError
 from sparsegpt.models import atomic_file
 
@@ -30,14 +40,19 @@ log = logging.getLogger(__name__)
 FORMAT = "sparsegpt-mask-v1"
 
 
-def param_shape(param: Tensor) -> tuple[int, ...]:
-    """The full shape of a parameter, also when ZeRO-3 has partitioned it away (`ds_shape`)."""
-    return tuple(getattr(param, "ds_shape", param.shape))
-
-
-def mask_in_param_layout(module: nn.Module, mask: Tensor) -> Tensor:
-    """The (out, in) mask laid out like `module.weight` (transposed for GPT-2 Conv1D)."""
+def mask_in_param_layout(module: nn.Module | ExpertLinear, mask: Tensor) -> Tensor:
+    """The (out, in) mask laid out like `module.weight`: transposed for GPT-2 Conv1D; for one expert, the whole
+    fused (experts, out, in) parameter's shape with only that expert's slice set (others kept)."""
+    if isinstance(module, ExpertLinear):
+        full = torch.zeros(param_shape(module.weight), dtype=torch.bool, device=mask.device)
+        full[module.index] = mask.t() if module.transposed else mask
+        return full
     return mask.t() if isinstance(module, Conv1D) else mask
+
+
+def param_name(name: str, module: nn.Module | ExpertLinear) -> str:
+    """The qualified parameter (state-dict key) a mask covers: `NAME.weight`, or the fused experts parameter."""
+    return name.rpartition(".")[0] if isinstance(module, ExpertLinear) else f"{name}.weight"
 
 
 class MaskSet:
@@ -50,10 +65,12 @@ class MaskSet:
         self.masks = {name: mask.cpu() for name, mask in masks.items()}
 
     @classmethod
-    def from_model(cls, model: nn.Module, include: str | None = None, exclude: str | None = None) -> MaskSet:
-        """The exact zeros of every prunable linear (filtered by regex include/exclude)."""
+    def from_model(cls, model: nn.Module, include: str | None = None, exclude: str | None = None, *,
+                   routers: bool = False, shared_experts: bool = False) -> MaskSet:
+        """The exact zeros of every prunable matrix (`architectures.prunable_linears` with the same arguments)."""
         masks = {}
-        for name, module in prunable_linears(model, include, exclude).items():
+        for name, module in prunable_linears(model, include, exclude, routers=routers,
+                                             shared_experts=shared_experts).items():
             if param_shape(module.weight) != tuple(module.weight.shape):
                 raise UserError(f"{name} is a ZeRO-3 shard; build masks from a model loaded without ZeRO-3 init")
             masks[name] = (weight_as_linear(module) == 0).cpu()
@@ -61,20 +78,35 @@ class MaskSet:
             raise UserError(f"no prunable linear matches include={include!r} exclude={exclude!r}; loosen the filters")
         return cls(masks)
 
-    def modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The masked modules of `model`, by name; UserError when one is missing."""
-        found = dict(model.named_modules())
-        missing = [name for name in self.masks if name not in found]
+    def modules(self, model: nn.Module) -> dict[str, nn.Module | ExpertLinear]:
+        """The masked modules (or expert slices) of `model`, by name; UserError when one is missing."""
+        found = {name: linear_by_name(model, name) for name in self.masks}
+        missing = [name for name, module in found.items() if module is None]
         if missing:
             raise UserError(f"{len(missing)} masked modules are not in the model (first: {missing[0]}); "
                             "use the mask saved with this model")
-        return {name: found[name] for name in self.masks}
+        return found
+
+    def param_masks(self, model: nn.Module) -> dict[str, tuple[nn.Parameter, Tensor]]:
+        """Qualified parameter name -> (parameter, bool mask in the parameter's own layout): Conv1D transposed, a
+        fused experts parameter as one (experts, out, in) mask stacked from its experts' masks (an expert without
+        a mask is all kept). One entry per parameter, so hooks and enforcement touch each parameter once."""
+        out: dict[str, tuple[nn.Parameter, Tensor]] = {}
+        for name, module in self.modules(model).items():
+            key = param_name(name, module)
+            if not isinstance(module, ExpertLinear):
+                out[key] = (module.weight, mask_in_param_layout(module, self.masks[name]))
+                continue
+            if key not in out:
+                out[key] = (module.weight, torch.zeros(param_shape(module.weight), dtype=torch.bool))
+            mask = self.masks[name]
+            out[key][1][module.index] = mask.t() if module.transposed else mask
+        return out
 
     def check_shapes(self, model: nn.Module) -> None:
         """UserError unless every masked module exists and its (out, in) weight shape equals its mask's."""
         for name, module in self.modules(model).items():
-            shape = param_shape(module.weight)
-            shape = shape[::-1] if isinstance(module, Conv1D) else shape
+            shape = linear_shape(module)
             if shape != tuple(self.masks[name].shape):
                 raise UserError(f"mask for {name} is {tuple(self.masks[name].shape)} but the weight is (out, in) = "
                                 f"{shape}; use the mask saved with this model")
@@ -117,14 +149,14 @@ class MaskSet:
         final device and dtype: each hook multiplies by a keep mask (1 = kept) of that device and dtype (several
         times faster than masked_fill on CPU), in place: a weight's gradient is a fresh matmul result that
         nothing else holds, and skipping a weight-sized allocation per step halves the hooks' cost on CPU.
-        Remove the returned handles when done."""
+        One hook per parameter (a fused experts parameter's keep covers all its experts). Remove the returned
+        handles when done."""
         self.check_shapes(model)
         handles = []
-        for name, module in self.modules(model).items():
-            weight = module.weight
+        for weight, mask in self.param_masks(model).values():
             if not weight.requires_grad:
                 continue
-            keep = (~mask_in_param_layout(module, self.masks[name])).to(device=weight.device, dtype=weight.dtype)
+            keep = (~mask).to(device=weight.device, dtype=weight.dtype)
             handles.append(weight.register_hook(lambda grad, keep=keep: grad.mul_(keep)))
         log.debug("registered %d gradient mask hooks", len(handles))
         return handles

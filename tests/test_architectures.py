@@ -5,8 +5,18 @@ import torch
 import transformers as T
 from torch import nn
 
-from sparsegpt.architectures import (decoder_layers, family_of, final_modules, lm_head, prunable_linears,
-                                     set_weight_from_linear, weight_as_linear)
+from sparsegpt.architectures import (
+    ExpertLinear,
+    decoder_layers,
+    family_of,
+    final_modules,
+    linear_by_name,
+    linear_shape,
+    lm_head,
+    prunable_linears,
+    set_weight_from_linear,
+    weight_as_linear,
+)
 from sparsegpt.errors import UserError
 
 FIVE = ("opt", "bloom", "llama", "gpt2", "gpt_neox")
@@ -66,8 +76,10 @@ def test_shared_input_groups_really_read_one_input(make_tiny_model, kind):
 def test_unknown_family_lists_supported():
     model = T.AutoModelForCausalLM.from_config(T.GPTJConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=64,
                                                             rotary_dim=4))
-    with pytest.raises(UserError, match=r"'gptj' is not supported.*opt.*bloom.*llama.*gpt2.*gpt_neox"):
+    with pytest.raises(UserError, match=r"'gptj' is not supported \(nearest supported: 'gpt2'\).*opt.*bloom.*llama"
+                                        r".*gpt2.*gpt_neox.*mixtral.*qwen2_moe") as error:
         family_of(model)
+    assert "\n" not in str(error.value)
 
 
 def test_include_exclude_regex(make_tiny_model):
@@ -106,3 +118,52 @@ def test_linear_weight_roundtrip(make_tiny_model):
     new = torch.randn(128, 64)
     set_weight_from_linear(lin, new)
     assert torch.equal(lin.weight, new) and torch.equal(weight_as_linear(lin), new)
+
+
+class _FusedExperts(nn.Module):
+    """The transformers 5.x fused-experts layout: 3-D (experts, out, in) parameters, or (experts, in, out)."""
+
+    def __init__(self, transposed: bool):
+        super().__init__()
+        self.is_transposed = transposed
+        shape = (3, 8, 16) if transposed else (3, 16, 8)  # 3 experts, in = 8, out = 16
+        self.up_proj = nn.Parameter(torch.randn(shape))
+        self.down_proj = nn.Parameter(torch.randn(shape[0], shape[2], shape[1]))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_experts_are_one_linear_per_expert(transposed):
+    block = nn.Module()
+    block.experts = _FusedExperts(transposed)
+    block.gate = nn.Linear(8, 3, bias=False)
+    matrices = prunable_linears(block)
+    assert list(matrices) == [*(f"experts.up_proj.{e}" for e in range(3)),
+                              *(f"experts.down_proj.{e}" for e in range(3)), "gate"]
+    up = matrices["experts.up_proj.1"]
+    assert isinstance(up, ExpertLinear) and up.weight is block.experts.up_proj and linear_shape(up) == (16, 8)
+    x = torch.randn(5, 8)
+    stored = block.experts.up_proj[1]
+    torch.testing.assert_close(x @ weight_as_linear(up).t(), x @ stored if transposed else x @ stored.t())
+    new = torch.randn(16, 8)
+    set_weight_from_linear(up, new)
+    assert torch.equal(block.experts.up_proj[1], new.t() if transposed else new)
+    assert torch.equal(block.experts.up_proj[0] != 0, torch.ones_like(block.experts.up_proj[0], dtype=torch.bool))
+    assert isinstance(linear_by_name(block, "experts.down_proj.2"), ExpertLinear)
+    assert linear_by_name(block, "experts.down_proj.3") is None and linear_by_name(block, "experts.nope.0") is None
+    assert linear_by_name(block, "gate") is block.gate
+
+
+def test_moe_models_list_experts_and_leave_routers_and_shared_experts_out():
+    model = T.AutoModelForCausalLM.from_config(T.Qwen2MoeConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32)).eval()
+    default = set(prunable_linears(model))
+    experts = {f"model.layers.0.mlp.experts.{p}.{e}" for p in ("gate_up_proj", "down_proj") for e in range(4)}
+    attention = {f"model.layers.0.self_attn.{n}_proj" for n in "qkvo"}
+    assert default == experts | attention
+    every = set(prunable_linears(model, routers=True, shared_experts=True))
+    assert every - default == {"model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate",
+                               *(f"model.layers.0.mlp.shared_expert.{n}_proj" for n in ("gate", "up", "down"))}
+    router = prunable_linears(model, routers=True)["model.layers.0.mlp.gate"]
+    assert weight_as_linear(router).shape == (4, 32)  # a TopKRouter: a 2-D weight applied as F.linear

@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers as T
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
 from sparsegpt.architectures import prunable_linears, weight_as_linear
 from sparsegpt.errors import UserError
-from sparsegpt.masks import MaskSet
+from sparsegpt.masks import MaskSet, mask_in_param_layout
 
 
 def _pruned(model, fraction: float = 0.6, seed: int = 0):
@@ -141,3 +142,43 @@ def test_grad_hooks_skip_frozen_weights(make_tiny_model):
     masks = MaskSet.from_model(model)
     model.requires_grad_(False)
     assert masks.grad_hooks(model) == []
+
+
+def _tiny_mixtral():
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(T.MixtralConfig(
+        hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, num_local_experts=3, num_experts_per_tok=2))
+
+
+def test_expert_masks_stack_into_the_fused_parameter_layout():
+    model = _pruned(_tiny_mixtral())
+    masks = MaskSet.from_model(model)
+    name = "model.layers.0.mlp.experts.gate_up_proj.1"
+    assert masks.masks[name].shape == (32, 32)  # (2 x intermediate, hidden): one expert's (out, in)
+    fused = model.model.layers[0].mlp.experts.gate_up_proj
+    param, stacked = masks.param_masks(model)["model.layers.0.mlp.experts.gate_up_proj"]
+    assert param is fused and torch.equal(stacked, fused.detach() == 0)
+    one = mask_in_param_layout(masks.modules(model)[name], masks.masks[name])
+    assert one.shape == fused.shape and torch.equal(one[1], masks.masks[name]) and not one[[0, 2]].any()
+    partial = MaskSet({n: m for n, m in masks.masks.items() if not n.endswith("gate_up_proj.2")})
+    assert not partial.param_masks(model)["model.layers.0.mlp.experts.gate_up_proj"][1][2].any()  # expert 2 kept
+    with pytest.raises(UserError, match="mask for model.layers.0.mlp.experts.down_proj.0 is \\(16, 32\\) but the "
+                                        "weight is \\(out, in\\) = \\(32, 16\\)"):
+        MaskSet({**masks.masks, "model.layers.0.mlp.experts.down_proj.0": torch.zeros(16, 32, dtype=torch.bool)}
+                ).check_shapes(model)
+    with pytest.raises(UserError, match="not in the model"):
+        MaskSet({"model.layers.0.mlp.experts.down_proj.3": torch.zeros(32, 16, dtype=torch.bool)}).check_shapes(model)
+
+
+def test_grad_hooks_cover_fused_expert_parameters():
+    model = _pruned(_tiny_mixtral())
+    masks = MaskSet.from_model(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    handles = masks.grad_hooks(model)
+    assert len(handles) == len(masks.param_masks(model)) < len(masks.masks)  # one hook per parameter
+    model(input_ids=ids, labels=ids).loss.backward()
+    for param, mask in masks.param_masks(model).values():
+        assert torch.count_nonzero(param.grad[mask]) == 0 and torch.count_nonzero(param.grad[~mask]) > 0
+    for handle in handles:
+        handle.remove()
