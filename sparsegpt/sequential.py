@@ -1,9 +1,11 @@
 """Calibration driver: run the model one decoder layer at a time, collect each layer's Hessians through
 forward hooks, prune its linears, and feed the *pruned* layer's outputs to the next layer.
 
-The inputs of layer 0 (and whatever keyword arguments the model passes its layers: masks, position ids,
-rotary cos/sin, alibi, ...) are captured by running the model's own forward until a pre-hook on layer 0
-stops it, so no per-family driver code is needed. Only the current layer is moved to `device`.
+The inputs of layer 0 and whatever arguments the model passes each layer (its own mask — sliding or full —,
+position ids, rotary cos/sin per layer type, alibi, ...) are captured from the model's own forward
+(`sparsegpt.capture`), so no per-family driver code is needed and models mixing attention types are replayed
+exactly. Fused MoE experts get one Hessian per expert from the tokens routed to it (`sparsegpt.experts`).
+Only the current layer is moved to `device`.
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache
 
 from sparsegpt import allocation
-from sparsegpt.architectures import (compile_filter, decoder_layers, family_of, final_modules,
-                                     prunable_linears, set_weight_from_linear, weight_as_linear)
+from sparsegpt.architectures import (
+    ExpertLinear,
+    compile_filter,
+    decoder_layers,
+    family_of,
+    final_modules,
+    prunable_linears,
+    set_weight_from_linear,
+    weight_as_linear,
+)
 from sparsegpt.baselines import PRUNERS
+from sparsegpt.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
 from sparsegpt.errors import UserError
+from sparsegpt.experts import ExpertHessians
 from sparsegpt.failpoints import failpoint
 from sparsegpt.masks import MaskSet
 from sparsegpt.solver import inverse_hessian_factor, prune_group_with_factor, reconstruction_error
@@ -52,6 +63,9 @@ class PruneConfig:
     offload_activations: bool = False
     shared_hessian: bool = True
     dtype: str = "float32"
+    prune_router: bool = False          # MoE routers (gates) are left dense unless asked
+    prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
+    min_expert_tokens: int | None = None  # fewer routed tokens: Hessian topped up with the pooled one (None: width)
 
     def validate(self) -> None:
         """Raise UserError on the first bad field."""
@@ -72,6 +86,9 @@ class PruneConfig:
         compile_filter(self.exclude, "exclude")
         if self.dtype not in SOLVER_DTYPES:
             raise UserError(f"solver dtype {self.dtype!r} is unknown; choose one of {list(SOLVER_DTYPES)}")
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
+            raise UserError(f"min_expert_tokens must be >= 0 (or None for each matrix's input width), "
+                            f"got {self.min_expert_tokens}")
 
     @property
     def target(self) -> float:
@@ -81,8 +98,8 @@ class PruneConfig:
 
 @dataclass
 class PruneResult:
-    """The masks of the pruned linears, per-linear stats ({name, layer, target, sparsity, seconds, error}),
-    wall seconds per decoder layer (forwards + solves) and in total."""
+    """The masks of the pruned linears, per-linear stats ({name, layer, target, sparsity, seconds, error, tokens,
+    expert, pooled_weight}), wall seconds per decoder layer (forwards + solves) and in total."""
 
     masks: MaskSet
     stats: list[dict] = field(default_factory=list)
@@ -90,37 +107,10 @@ class PruneResult:
     layer_seconds: list[float] = field(default_factory=list)
 
 
-@dataclass
-class _Batch:
-    """One batch of inputs to a decoder layer: hidden states plus the other arguments the model passes."""
-
-    hidden: Tensor
-    args: tuple
-    kwargs: dict
-
-
-class _Captured(Exception):
-    """Raised by the layer-0 pre-hook to stop the model's forward once the layer's inputs are recorded."""
-
-
-def _to(obj, device):
-    """Move tensors inside (nested) tuples/lists/dicts to device."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _no_cache(obj):
-    """Replace KV caches by None: calibration forwards never read or fill one."""
-    return None if isinstance(obj, Cache) else obj
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+def _module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """Where the module's parameters live (`default` for a module without any, e.g. OLMo's LayerNorm)."""
+    param = next(module.parameters(), None)
+    return torch.device(default) if param is None else param.device
 
 
 def _synchronize(device) -> None:
@@ -131,56 +121,6 @@ def _synchronize(device) -> None:
 
 def _progress_disabled() -> bool:
     return os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
-
-
-def _check_uniform_layer_kwargs(model: nn.Module) -> None:
-    """Layer-0 arguments are reused for every layer: refuse models whose layers get different masks."""
-    types = set(getattr(model.config, "layer_types", None) or ())
-    if len(types) > 1:
-        raise UserError(f"model mixes attention types {sorted(types)} across layers (e.g. sliding window); "
-                        "layer-by-layer calibration supports models whose layers all use one attention type")
-
-
-def _capture_layer_inputs(model: nn.Module, input_ids: Tensor, *, batch_size: int,
-                         store_device: torch.device | str) -> list[_Batch]:
-    """Run the model's own forward per batch until decoder layer 0 and keep what layer 0 receives."""
-    _check_uniform_layer_kwargs(model)
-    if input_ids.ndim != 2:
-        raise UserError(f"input ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
-    batches: list[_Batch] = []
-
-    def hook(module, args, kwargs):
-        if not args:
-            raise TypeError(f"{type(module).__name__} got no positional hidden_states; cannot capture its inputs")
-        kwargs = {k: _no_cache(v) for k, v in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        batches.append(_Batch(args[0].to(store_device), _to(tuple(_no_cache(a) for a in args[1:]), store_device),
-                              _to(kwargs, store_device)))
-        raise _Captured
-
-    embed_device = model.get_input_embeddings().weight.device
-    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for ids in input_ids.split(batch_size):
-            try:
-                model(ids.to(embed_device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return batches
-
-
-def _forward(layer: nn.Module, batch: _Batch, device) -> Tensor:
-    """One decoder layer's output hidden states for one batch."""
-    out = layer(batch.hidden.to(device), *_to(batch.args, device), **_to(batch.kwargs, device))
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _run_layer(layer: nn.Module, batches: list[_Batch], device, store_device) -> list[_Batch]:
-    """Forward every batch through one layer; the outputs become the next layer's inputs."""
-    return [replace(b, hidden=_forward(layer, b, device).to(store_device)) for b in batches]
 
 
 def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, ...], ...],
@@ -195,13 +135,18 @@ def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, 
     return groups + [[n] for n in names if n not in grouped]
 
 
-def _accumulate(layer, batches, linears, groups, device, *, diag_only: bool,
-                outputs_to=None) -> tuple[dict[str, Tensor], list[_Batch]]:
-    """One forward of the layer with a pre-hook per input group; returns per group leader
-    H = 2/N Σ xxᵀ (float32), or only its diagonal when diag_only, and the layer's outputs if outputs_to."""
+def _accumulate(layer, index, batches, linears, groups, device, *, diag_only: bool, min_expert_tokens=None,
+                outputs_to=None) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch]]:
+    """One forward of layer `index` with a pre-hook per input group (per fused experts module for expert
+    matrices); returns per group leader H = 2/N Σ xxᵀ (float32), or only its diagonal when diag_only, its
+    {tokens, expert, pooled_weight}, and the layer's outputs if outputs_to."""
     sums, counts, handles = {}, {}, []
+    experts = ExpertHessians({g[0]: linears[g[0]] for g in groups if isinstance(linears[g[0]], ExpertLinear)},
+                             device, diag_only=diag_only)
     for group in groups:
         leader = group[0]
+        if isinstance(linears[leader], ExpertLinear):
+            continue
         cols = weight_as_linear(linears[leader]).shape[1]
         sums[leader] = torch.zeros((cols,) if diag_only else (cols, cols), dtype=torch.float32, device=device)
         counts[leader] = 0
@@ -215,10 +160,11 @@ def _accumulate(layer, batches, linears, groups, device, *, diag_only: bool,
             counts[leader] += x.shape[0]
 
         handles.append(linears[leader].register_forward_pre_hook(hook))
+    handles += experts.attach()
     outputs = []
     try:
         for b in batches:
-            out = _forward(layer, b, device)
+            out = forward_layer(layer, index, b, device)
             if outputs_to is not None:
                 outputs.append(replace(b, hidden=out.to(outputs_to)))
     finally:
@@ -228,13 +174,17 @@ def _accumulate(layer, batches, linears, groups, device, *, diag_only: bool,
     if silent:
         raise UserError(f"{', '.join(silent)} never ran in the decoder layer's forward; exclude it (--exclude) "
                         "or report the architecture")
-    return {k: v * (2.0 / counts[k]) for k, v in sums.items()}, outputs
+    hessians, info = experts.result(min_expert_tokens) if experts.matrices else ({}, {})
+    hessians.update({k: v * (2.0 / counts[k]) for k, v in sums.items()})
+    info.update({k: {"tokens": counts[k], "expert": None, "pooled_weight": 0.0} for k in sums})
+    return hessians, info, outputs
 
 
-def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Module]]:
-    """Per decoder layer, its prunable linears by qualified name."""
+def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Module | ExpertLinear]]:
+    """Per decoder layer, its prunable matrices (linears, routers if asked, expert slices) by qualified name."""
     prefix = family_of(model).layers_path
-    all_linears = prunable_linears(model, cfg.include, cfg.exclude)
+    all_linears = prunable_linears(model, cfg.include, cfg.exclude, routers=cfg.prune_router,
+                                   shared_experts=cfg.prune_shared_experts)
     if not all_linears:
         raise UserError(f"no prunable linears match include={cfg.include!r} exclude={cfg.exclude!r}")
     per_layer = [{} for _ in decoder_layers(model)]
@@ -256,8 +206,9 @@ def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_devic
         layer.to(dev)
         groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs, True)
         last = i == len(layers) - 1
-        diags, outputs = _accumulate(layer, calib, linears, groups, dev, diag_only=True,
-                                     outputs_to=None if last else store_device)
+        diags, _, outputs = _accumulate(layer, i, calib, linears, groups, dev, diag_only=True,
+                                        min_expert_tokens=cfg.min_expert_tokens,
+                                        outputs_to=None if last else store_device)
         if linears:
             members = [(n, g[0]) for g in groups for n in g]
             ratios[i] = allocation.outlier_ratio([weight_as_linear(linears[n]) for n, _ in members],
@@ -287,7 +238,7 @@ def _check_base_masks(base_masks: MaskSet | None, per_layer: list[dict], model: 
                         "prune the same linears (--include/--exclude) in every stage")
 
 
-def _solve_group(group, linears, hessian, target, cfg, base_masks, layer_idx, masks, stats) -> None:
+def _solve_group(group, linears, hessian, info, target, cfg, base_masks, layer_idx, masks, stats) -> None:
     """Prune the linears that share one Hessian; SparseGPT factors it once and runs one column loop for the group."""
     dtype = getattr(torch, cfg.dtype)
     t0 = time.perf_counter()
@@ -308,7 +259,7 @@ def _solve_group(group, linears, hessian, target, cfg, base_masks, layer_idx, ma
         masks[name] = mask.cpu()
         sparsity = mask.float().mean().item()
         stats.append(dict(name=name, layer=layer_idx, target=target, sparsity=sparsity, seconds=seconds,
-                          error=error))
+                          error=error, **info))
         log.info("%s: sparsity %.4f (target %.4f), reconstruction error %.4g, %.2fs",
                  name, sparsity, target, error, seconds)
 
@@ -327,7 +278,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     model.eval()
     try:
         store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
-        calib = _capture_layer_inputs(model, calib_ids, batch_size=cfg.batch_size, store_device=store_device)
+        calib = capture_layer_inputs(model, layers, calib_ids, batch_size=cfg.batch_size, store_device=store_device)
         targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device)
         masks, stats, layer_seconds = {}, [], []
         bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
@@ -340,12 +291,15 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
                                    cfg.shared_hessian)
             if groups:  # a layer the include/exclude filters left empty is only propagated
-                hessians, _ = _accumulate(layer, calib, linears, groups, dev, diag_only=False)
+                hessians, info, _ = _accumulate(layer, i, calib, linears, groups, dev, diag_only=False,
+                                                min_expert_tokens=cfg.min_expert_tokens)
                 for group in groups:
-                    _solve_group(group, linears, hessians[group[0]], targets[i], cfg, base_masks, i, masks, stats)
+                    _solve_group(group, linears, hessians[group[0]], info[group[0]], targets[i], cfg, base_masks, i,
+                                 masks, stats)
                 del hessians
             if i < len(layers) - 1:
-                calib = _run_layer(layer, calib, dev, store_device)
+                calib = run_layer(layer, i, calib, dev, store_device)
+            release(calib, i)
             layer.to(home)
             _synchronize(dev)
             layer_seconds.append(time.perf_counter() - t0)
@@ -367,15 +321,16 @@ def layerwise_hidden_states(model: nn.Module, input_ids: Tensor, *, device: torc
     was_training = model.training
     model.eval()
     try:
-        batches = _capture_layer_inputs(model, input_ids, batch_size=batch_size, store_device=store_device)
-        for layer in tqdm(layers, desc="layerwise forward", disable=_progress_disabled()):
+        batches = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, store_device=store_device)
+        for i, layer in enumerate(tqdm(layers, desc="layerwise forward", disable=_progress_disabled())):
             home = _module_device(layer)
             layer.to(device)
-            batches = _run_layer(layer, batches, device, store_device)
+            batches = run_layer(layer, i, batches, device, store_device)
+            release(batches, i)
             layer.to(home)
         hidden = [b.hidden for b in batches]
         for module in final_modules(model):
-            home = _module_device(module)
+            home = _module_device(module, device)
             module.to(device)
             hidden = [module(h.to(device)).to(store_device) for h in hidden]
             module.to(home)

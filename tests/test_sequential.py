@@ -104,17 +104,17 @@ def test_prune_end_to_end(make_tiny_model, monkeypatch, kind):
     nbatches = math.ceil(NSAMPLES / BATCH)
     layers = decoder_layers(model)
     with torch.no_grad():
-        for l in range(len(layers) - 1):  # layer l+1 was calibrated on the *pruned* layer l's outputs
+        for i in range(len(layers) - 1):  # layer i+1 was calibrated on the *pruned* layer i's outputs
             for b in range(nbatches):
-                args, kwargs = log[l][b]
-                torch.testing.assert_close(out_hidden(layers[l](*args, **kwargs)), log[l + 1][b][0][0])
+                args, kwargs = log[i][b]
+                torch.testing.assert_close(out_hidden(layers[i](*args, **kwargs)), log[i + 1][b][0][0])
         fresh, handles = record_layer_inputs(model)  # ... and they are what the pruned model computes itself
         logits = torch.cat([model(batch).logits for batch in ids.split(BATCH)])
         for h in handles:
             h.remove()
-    for l in range(len(layers)):
+    for i in range(len(layers)):
         for b in range(nbatches):
-            torch.testing.assert_close(fresh[l][b][0][0], log[l][b][0][0])
+            torch.testing.assert_close(fresh[i][b][0][0], log[i][b][0][0])
     assert torch.isfinite(logits).all()
 
 
@@ -201,12 +201,63 @@ def test_include_prunes_only_matching_layers(make_tiny_model):
         assert torch.equal(weight_as_linear(module), dense[name]) != (name in pruned)
 
 
-def test_mixed_attention_types_are_refused():
+def test_mixed_attention_types_prune_with_each_layers_own_mask(make_tiny_model):
+    """Qwen2 with a sliding-window layer 0 and a full-attention layer 1 (once refused): the driver replays each
+    layer with the mask the model gives it, so its layer-by-layer forward is the model's own."""
     model = T.AutoModelForCausalLM.from_config(T.Qwen2Config(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=512, use_sliding_window=True, sliding_window=4, max_window_layers=1))
-    with pytest.raises(UserError, match=r"mixes attention types \['full_attention', 'sliding_attention'\]"):
-        prune_model(model, calib(), PruneConfig(batch_size=BATCH))
+        vocab_size=512, use_sliding_window=True, sliding_window=4, max_window_layers=1)).eval()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    ids = calib()
+    hidden = torch.cat(layerwise_hidden_states(model, ids, device="cpu", batch_size=BATCH))
+    with torch.no_grad():
+        torch.testing.assert_close(hidden, model.base_model(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert prune_model(model, ids, PruneConfig(batch_size=BATCH)).masks.sparsity() == 0.5
+
+
+def _custom_forward(model, call):
+    """Replace the base model's forward (as remote code might) by one that runs the layers through `call`."""
+    base = model.base_model
+
+    def forward(input_ids=None, **kwargs):
+        hidden = base.embed_tokens(input_ids)
+        for layer in base.layers:
+            hidden = call(layer, hidden)
+        return T.modeling_outputs.BaseModelOutputWithPast(last_hidden_state=base.norm(hidden))
+
+    base.forward = forward
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda layer, h: layer.mlp(h), "forward called 0 of its 2 decoder layers"),
+    (lambda layer, h: layer(hidden_states=h), "layer 0 was called without its hidden states as first positional"),
+    (lambda layer, h: layer(h).hidden_states, r"failed after layer 0 returned its input unchanged \(AttributeError"),
+])
+def test_uncapturable_layers_fail_before_pruning_naming_the_class(make_tiny_model, call, match):
+    model = make_tiny_model("llama")
+    _custom_forward(model, call)
+    dense = {n: weight_as_linear(m).clone() for n, m in prunable_linears(model).items()}
+    with pytest.raises(UserError, match=f"cannot capture the inputs of the decoder layers \\(LlamaDecoderLayer\\): "
+                                        f".*{match}") as error:
+        prune_model(model, calib()[:2], PruneConfig(batch_size=BATCH))
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(weight_as_linear(m), dense[n]) for n, m in prunable_linears(model).items())
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in decoder_layers(model))  # layers restored
+
+
+def test_capture_keeps_transformers_output_recording_working(make_tiny_model):
+    """transformers installs its output-recording hooks on the first forward that asks for outputs, walking the
+    module tree; a capture pass that comes first must leave that tree (and so those hooks) whole."""
+    model, ids = make_tiny_model("llama"), calib()[:2]
+    model.config.output_hidden_states = True  # so the capture pass is the one that installs the hooks
+    layerwise_hidden_states(model, ids, device="cpu", batch_size=2)
+    model.config.output_hidden_states = False
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 3
+    torch.testing.assert_close(out.hidden_states[1], decoder_layers(model)[0](
+        out.hidden_states[0], position_embeddings=model.base_model.rotary_emb(out.hidden_states[0],
+                                                                              torch.arange(SEQLEN)[None])))
 
 
 @pytest.mark.parametrize("kind", FIVE)
@@ -224,7 +275,7 @@ def prune_cli(monkeypatch):
     """`sparsegpt prune ...` through the real dispatcher, with only the prune subcommand registered."""
     from sparsegpt import cli
 
-    monkeypatch.setattr(cli, "COMMANDS", ("prune",))
+    monkeypatch.setattr(cli, "COMMANDS", {"prune": "one-shot prune"})
     return lambda *argv: cli.main(["prune", *map(str, argv)])
 
 
