@@ -153,6 +153,9 @@ class PruneSettings(_Strict):
     exclude: str | None = None
     batch_size: int = Field(8, ge=1)
     offload_activations: bool = False
+    prune_router: bool = False  # MoE routers (gates) stay dense unless asked
+    prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
+    min_expert_tokens: int | None = Field(None, ge=0)  # fewer routed tokens: pooled Hessian mixed in (None: width)
 
     @field_validator("include", "exclude")
     @classmethod

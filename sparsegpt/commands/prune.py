@@ -1,7 +1,10 @@
 """One-shot prune a causal LM (SparseGPT, Wanda or magnitude) and save it as a Hugging Face folder.
 
 The output folder holds the pruned model (safetensors + tokenizer), `mask.safetensors` (1 bit per weight)
-and `sparsity.json` (overall and per-linear sparsity, per-linear time and reconstruction error).
+and `sparsity.json` (overall and per-linear sparsity; per matrix its time, reconstruction error, calibration
+tokens and, for MoE experts, the expert index and the share of the layer's pooled Hessian it was given).
+MoE models: every expert is pruned with its own Hessian from the tokens routed to it; routers and shared
+experts stay dense unless --prune-router / --prune-shared-experts.
 
 examples:
   sparsegpt prune --model smollm2-135m --sparsity 0.5 --calib stdlib-docs --nsamples 32 --seqlen 256 --out out/s50
@@ -10,6 +13,7 @@ examples:
       --nsamples 128 --seqlen 2048 --offload-activations --dtype float16 --device cuda --out out/l7b-owl70
   # a further stage that never revives what the first pruned:
   sparsegpt prune --model out/s50 --base-mask out/s50/mask.safetensors --sparsity 0.8 --calib c4 --out out/s80
+  sparsegpt prune --model mistralai/Mixtral-8x7B-v0.1 --sparsity 0.5 --calib c4 --min-expert-tokens 512 --out out/mx
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from pathlib import Path
 
 import torch
 
+from sparsegpt.data import calibration_ids, check_source, default_seqlen
 from sparsegpt.errors import UserError
+from sparsegpt.masks import MaskSet
+from sparsegpt.models import check_model, load_model, save_model
+from sparsegpt.sequential import PruneConfig, prune_model
 
 HELP = "one-shot prune a model to a target sparsity (SparseGPT / Wanda / magnitude)"
 
@@ -51,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-activations", action="store_true", help="keep layer inputs on CPU between layers")
     p.add_argument("--per-linear-hessian", action="store_true",
                    help="one Hessian per linear instead of one per shared input (q/k/v, gate/up); slower, same result")
+    p.add_argument("--prune-router", action="store_true", help="MoE: also prune the routers (gates); default dense")
+    p.add_argument("--prune-shared-experts", action="store_true",
+                   help="MoE: also prune always-active shared experts (Qwen2-MoE's shared_expert); default dense")
+    p.add_argument("--min-expert-tokens", type=int,
+                   help="MoE: an expert matrix routed fewer calibration tokens gets the layer's pooled Hessian mixed "
+                        "in up to this many tokens (default: its input width; 0 = only experts that saw none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where each decoder layer is pruned (the rest of the model stays on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
@@ -67,23 +81,20 @@ def _parse_nm(text: str) -> tuple[int, int]:
     return n, m
 
 
-def _config(args: argparse.Namespace):
-    from sparsegpt.sequential import PruneConfig
-
+def _config(args: argparse.Namespace) -> PruneConfig:
     n, m = _parse_nm(args.nm) if args.nm else (0, 0)
     cfg = PruneConfig(method=args.method, sparsity=args.sparsity if args.nm is None else n / m, prune_n=n,
                       prune_m=m, blocksize=args.blocksize, percdamp=args.percdamp, allocation=args.allocation,
                       owl_lambda=args.owl_lambda, owl_m=args.owl_m, include=args.include, exclude=args.exclude,
                       batch_size=args.batch_size, offload_activations=args.offload_activations,
-                      shared_hessian=not args.per_linear_hessian, dtype=args.solver_dtype)
+                      shared_hessian=not args.per_linear_hessian, dtype=args.solver_dtype,
+                      prune_router=args.prune_router, prune_shared_experts=args.prune_shared_experts,
+                      min_expert_tokens=args.min_expert_tokens)
     cfg.validate()
     return cfg
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from sparsegpt.data import check_source
-    from sparsegpt.models import check_model
-
     check_model(args.model)
     check_source(args.calib)
     if args.nsamples < 1:
@@ -98,11 +109,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load, calibrate, prune, verify, and write the folder atomically."""
-    from sparsegpt.data import calibration_ids, default_seqlen
-    from sparsegpt.masks import MaskSet
-    from sparsegpt.models import load_model, save_model
-    from sparsegpt.sequential import prune_model
-
     cfg = _config(args)
     _check_args(args)
     base = MaskSet.load(args.base_mask) if args.base_mask is not None else None
@@ -112,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     result = prune_model(model, calib, cfg, base_masks=base, device=args.device)
     per_linear = result.masks.verify(model)
     report = {"model": args.model, "method": cfg.method, "target": cfg.target, "nm": args.nm,
-              "allocation": cfg.allocation, "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
+              "allocation": cfg.allocation, "prune_router": cfg.prune_router,
+              "prune_shared_experts": cfg.prune_shared_experts, "min_expert_tokens": cfg.min_expert_tokens,
+              "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
               "sparsity": result.masks.sparsity(), "per_linear": per_linear, "stats": result.stats,
               "seconds": result.seconds}
     with tempfile.TemporaryDirectory() as tmp:
