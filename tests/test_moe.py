@@ -172,6 +172,20 @@ def test_routers_and_shared_experts_stay_dense_unless_asked():
     assert set(prunable_linears(model, routers=True, shared_experts=True)) == set(everything.masks.masks)
 
 
+def test_owl_and_later_stages_work_on_experts():
+    """OWL's outlier pass pools the experts' diagonal Hessians like any linear's; a second stage keeps every
+    expert weight the first pruned."""
+    model, ids = tiny_model("mixtral"), calib()
+    first = prune_model(model, ids, PruneConfig(sparsity=0.5, batch_size=BATCH, allocation="owl", owl_m=2.0,
+                                                owl_lambda=0.1))
+    assert sorted({(s["layer"], round(s["target"], 6)) for s in first.stats}) == [(0, 0.6), (1, 0.4)]
+    second = prune_model(model, ids, PruneConfig(method="wanda", sparsity=0.75, batch_size=BATCH),
+                         base_masks=first.masks)
+    for name, mask in second.masks.masks.items():
+        assert (mask | ~first.masks.masks[name]).all(), f"{name} revived a pruned weight"
+    assert second.masks.sparsity() == pytest.approx(0.75, abs=1e-3)
+
+
 def test_expert_masks_save_load_apply_verify(tmp_path):
     model, ids = tiny_model("olmoe"), calib()
     masks = prune_model(model, ids, PruneConfig(prune_n=2, prune_m=4, batch_size=BATCH)).masks
