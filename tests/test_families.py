@@ -31,6 +31,7 @@ SLIDING_FULL = ["sliding_attention", "full_attention"]
 CONFIGS = {  # model_type -> a tiny config; the mixed ones give their two layers different attention
     "mistral": lambda: T.MistralConfig(**BASE, sliding_window=WINDOW),
     "qwen2": lambda: T.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3": lambda: T.Qwen3Config(**BASE, head_dim=8),
     "gemma": lambda: T.GemmaConfig(**BASE, head_dim=8),
     "gemma2": lambda: T.Gemma2Config(**BASE, head_dim=8, sliding_window=WINDOW, layer_types=SLIDING_FULL),
     "gemma3_text": lambda: T.Gemma3TextConfig(**BASE, head_dim=8, sliding_window=WINDOW, layer_types=SLIDING_FULL),
