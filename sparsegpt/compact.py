@@ -171,7 +171,7 @@ def _keep_bitmask(name: str, rows: int, cols: int, bitmask: Tensor, rowptr: Tens
     bits = np.unpackbits(bitmask.numpy())
     if bits[numel:].any():
         raise UserError(f"{name}.bitmask has bits set past its {numel} weights; the file is corrupt")
-    keep = torch.from_numpy(bits[:numel].astype(bool)).reshape(rows, cols)
+    keep = torch.from_numpy(bits[:numel].view(bool)).reshape(rows, cols)
     if rowptr.dtype not in (torch.int32, torch.int64) or tuple(rowptr.shape) != (rows + 1,):
         raise UserError(f"{name}.rowptr is {rowptr.dtype} {tuple(rowptr.shape)}, expected int32/int64 "
                         f"({rows + 1},); the file is corrupt")
@@ -330,7 +330,7 @@ def _plain_item(name: str, dtype: torch.dtype, shape: tuple[int, ...], get: Call
 
 # -- reading a dense folder, one tensor at a time -----------------------------------------------------------------
 class _DenseFolder:
-    """The safetensors weights of a Hugging Face folder, opened lazily: tensor names, dtypes, shapes, one tensor."""
+    """The safetensors weights of a Hugging Face folder: tensor names, dtypes and shapes; tensors one at a time."""
 
     def __init__(self, folder: Path, stack: contextlib.ExitStack):
         index = folder / "model.safetensors.index.json"
@@ -344,21 +344,25 @@ class _DenseFolder:
         else:
             raise UserError(f"{folder} has no model.safetensors (or index); expected a model folder saved with "
                             "safetensors weights")
-        self.where: dict[str, object] = {}
+        self.where: dict[str, Path] = {}
+        self.handles: dict[Path, object] = {}
         for name in files:
-            handle = stack.enter_context(_open(folder / name))
+            handle = self.handles[folder / name] = stack.enter_context(_open(folder / name))
             for key in handle.keys():
-                self.where[key] = handle
+                self.where[key] = folder / name
 
     def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        piece = self.where[name].get_slice(name)
+        piece = self.handles[self.where[name]].get_slice(name)
         code = piece.get_dtype()
         if code not in _DTYPE_OF_CODE:
             raise UserError(f"tensor {name} has safetensors dtype {code}, which the compact format does not store")
         return _DTYPE_OF_CODE[code], tuple(piece.get_shape())
 
     def get(self, name: str) -> Tensor:
-        return self.where[name].get_tensor(name)
+        """The tensor, through its own short-lived handle: safetensors returns views of its mmap, and pages read
+        through a long-lived one would stay mapped (resident) until the export ends."""
+        with _open(self.where[name]) as f:
+            return f.get_tensor(name)
 
 
 class _MaskFile:
@@ -381,7 +385,7 @@ class _MaskFile:
         if packed.size != (numel + 7) // 8:
             raise UserError(f"{self.path}: mask {name} holds {packed.size} bytes, shape {list(shape)} needs "
                             f"{(numel + 7) // 8}; the file is truncated or corrupt")
-        return torch.from_numpy(np.unpackbits(packed, count=numel).astype(bool)).reshape(shape).logical_not_()
+        return torch.from_numpy(np.unpackbits(packed, count=numel).view(bool)).reshape(shape).logical_not_()
 
 
 @contextlib.contextmanager
