@@ -21,6 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sparsegpt.architectures import prunable_linears
+from sparsegpt.dsconfig import cpu_deepspeed_handlers
+from sparsegpt.enforce import MaskEnforcer
+from sparsegpt.finetune import FinetuneConfig, finetune
+from sparsegpt.masks import MaskSet
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "hooks", "step", "full")
@@ -28,11 +36,6 @@ SEQLEN, MICRO_BATCH = 128, 4
 
 
 def _model_and_masks():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sparsegpt.architectures import prunable_linears
-    from sparsegpt.masks import MaskSet
-
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=4, vocab_size=4096, max_position_embeddings=SEQLEN)
@@ -46,10 +49,6 @@ def _model_and_masks():
 
 def run_modes(steps: int, repeats: int, warmup: int) -> dict:
     """Every mode `repeats` times in this process (all ranks of a launch): median timed step seconds per mode."""
-    from accelerate import Accelerator
-
-    from sparsegpt.finetune import FinetuneConfig, cpu_deepspeed_handlers, finetune
-
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
     ids = torch.randint(0, 4096, (256, SEQLEN), generator=torch.Generator().manual_seed(0))
     runs: dict[str, list[float]] = {mode: [] for mode in MODES}  # per run: median timed step seconds
@@ -69,8 +68,6 @@ def run_modes(steps: int, repeats: int, warmup: int) -> dict:
 def direct_costs(repeats: int = 20) -> dict:
     """Noise-resistant cost of the enforcement work itself on this model (best of `repeats`, one thread): the
     hooks' multiplies over all masked gradients, and one post-step MaskEnforcer call (weights + both moments)."""
-    from sparsegpt.finetune import MaskEnforcer
-
     model, masks = _model_and_masks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 4096, (MICRO_BATCH, SEQLEN), generator=torch.Generator().manual_seed(0))

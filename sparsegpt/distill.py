@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -174,7 +175,7 @@ def check_compatible(student: nn.Module, teacher: nn.Module, cfg: KDConfig | Non
         if getattr(s, attr) != getattr(t, attr):
             raise UserError(
                 f"teacher {attr} {getattr(t, attr)} != student {attr} {getattr(s, attr)}; hidden-state KD "
-                "(kd_hidden_weight > 0) needs equal sizes — use logit KD only (kd_hidden_weight: 0)"
+                "(hidden_weight > 0) needs equal sizes — use logit KD only (hidden_weight 0)"
             )
     if cfg.layers != "all" and max(cfg.layers) >= s.num_hidden_layers:
         raise UserError(f"KD layers {cfg.layers} out of range: the model has {s.num_hidden_layers} decoder layers")
@@ -196,7 +197,7 @@ def teacher_ds_config(ds_config: dict, hidden_size: int) -> dict:
     return config
 
 
-def prepare_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
+def prepare_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
     """Freeze the teacher (no grads, eval mode: no dropout) and place it: ZeRO-3-sharded or moved to the device.
 
     Under DeepSpeed ZeRO-3 the returned object is a DeepSpeed engine: every rank must run each teacher forward.

@@ -7,16 +7,25 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-
-from sparsegpt.errors import UserError
-from sparsegpt.finetune import (DataOrder, FinetuneConfig, TrainingDiverged, deepspeed_config, finetune, lr_factor,
-                                save_finetuned)
-from sparsegpt.masks import MaskSet
+from transformers import AutoModelForCausalLM
 from zero_worker import magnitude_prune, tiny_llama, toy_ids
+
+from sparsegpt.checkpoint import save_finetuned
+from sparsegpt.cli import main
+from sparsegpt.distill import KDConfig
+from sparsegpt.dsconfig import deepspeed_config
+from sparsegpt.errors import UserError
+from sparsegpt.finetune import DataOrder, FinetuneConfig, TrainingDiverged, finetune, lr_factor
+from sparsegpt.lora import LoraSettings
+from sparsegpt.masks import MaskSet
+from sparsegpt.models import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,9 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def accelerator():
     """A fresh single-process Accelerator; accelerate's process-wide state is reset afterwards."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
     yield Accelerator()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -133,8 +139,6 @@ def _crash_at_forward(model, n: int):
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(accelerator, tmp_path):
-    from accelerate import Accelerator
-
     cfg = _cfg(steps=5, checkpoint_every=2)
     ids = toy_ids()
     reference = tiny_llama()
@@ -203,10 +207,12 @@ def test_bad_inputs_fail_before_step_one(accelerator, make_tiny_model, tmp_path)
     with pytest.raises(UserError, match="masked weights are non-zero before training"):
         finetune(other, ids, masks, _cfg(), accelerator=accelerator)
     with pytest.raises(UserError, match="teacher vocab"):
-        finetune(model, ids, masks, _cfg(kd_logit_weight=1.0), accelerator=accelerator,
+        finetune(model, ids, masks, _cfg(kd=KDConfig(logit_weight=1.0)), accelerator=accelerator,
                  teacher=make_tiny_model("llama"))
     with pytest.raises(UserError, match="need a teacher model"):
-        finetune(model, ids, masks, _cfg(kd_logit_weight=1.0), accelerator=accelerator)
+        finetune(model, ids, masks, _cfg(kd=KDConfig(logit_weight=1.0)), accelerator=accelerator)
+    with pytest.raises(UserError, match="a teacher was given but KD is off"):
+        finetune(model, ids, masks, _cfg(kd=KDConfig(ce_weight=1.0)), accelerator=accelerator, teacher=tiny_llama())
     with pytest.raises(UserError, match="needs a checkpoint directory"):
         finetune(model, ids, masks, _cfg(checkpoint_every=2), accelerator=accelerator)
     with pytest.raises(UserError, match="has 3 rows but one optimizer step needs 4"):
@@ -217,7 +223,7 @@ def test_bad_inputs_fail_before_step_one(accelerator, make_tiny_model, tmp_path)
         assert torch.equal(value, snapshot[name]), name
     gpt2 = make_tiny_model("gpt2")
     with pytest.raises(UserError, match="not an nn.Linear"):
-        finetune(gpt2, ids, magnitude_prune(gpt2), _cfg(lora_r=4), accelerator=accelerator)
+        finetune(gpt2, ids, magnitude_prune(gpt2), _cfg(lora=LoraSettings(r=4)), accelerator=accelerator)
     for bad, message in [({"steps": 0}, "steps must be > 0"), ({"schedule": "step"}, "schedule 'step' is unknown"),
                          ({"warmup_steps": 9}, "warmup_steps 9 exceeds steps 4"),
                          ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0")]:
@@ -226,13 +232,11 @@ def test_bad_inputs_fail_before_step_one(accelerator, make_tiny_model, tmp_path)
 
 
 def test_kd_with_checkpointing_and_lora_keep_the_mask(accelerator):
-    from accelerate import Accelerator
-
     ids = toy_ids()
     teacher = tiny_llama()
     model = tiny_llama()
     masks = magnitude_prune(model)
-    result = finetune(model, ids, masks, _cfg(steps=2, kd_logit_weight=1.0, kd_hidden_weight=0.5,
+    result = finetune(model, ids, masks, _cfg(steps=2, kd=KDConfig(logit_weight=1.0, hidden_weight=0.5),
                                               gradient_checkpointing=True),
                       accelerator=accelerator, teacher=teacher)
     assert all(math.isfinite(x) for x in result.losses)
@@ -241,7 +245,7 @@ def test_kd_with_checkpointing_and_lora_keep_the_mask(accelerator):
     lora_model = tiny_llama()
     magnitude_prune(lora_model)
     before = {k: v.clone() for k, v in lora_model.state_dict().items()}
-    finetune(lora_model, ids, masks, _cfg(steps=2, lora_r=4), accelerator=Accelerator())
+    finetune(lora_model, ids, masks, _cfg(steps=2, lora=LoraSettings(r=4)), accelerator=Accelerator())
     assert set(lora_model.state_dict()) == set(before)  # merged back into a plain model
     assert _zeros_equal_mask(lora_model, masks)
     assert not torch.equal(before[f"{next(iter(masks.masks))}.weight"],
@@ -249,8 +253,6 @@ def test_kd_with_checkpointing_and_lora_keep_the_mask(accelerator):
 
 
 def test_save_finetuned_reloads_with_plain_transformers(accelerator, tiny_tokenizer, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     model = tiny_llama()
     masks = magnitude_prune(model)
     save_finetuned(accelerator, model, tiny_tokenizer, masks, tmp_path / "out")
@@ -266,11 +268,6 @@ def test_save_finetuned_reloads_with_plain_transformers(accelerator, tiny_tokeni
 
 
 def test_cli_finetune_writes_a_sparse_model_folder(accelerator, tiny_llama_dir, tmp_path, capsys):
-    from pydoc_data.topics import topics
-
-    from sparsegpt.cli import main
-    from sparsegpt.models import load_model, save_model
-
     model, tokenizer = load_model(tiny_llama_dir)
     masks = magnitude_prune(model)
     save_model(model, tokenizer, tmp_path / "pruned")  # no mask file: the command takes the exact zeros

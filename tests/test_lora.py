@@ -5,8 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from sparsegpt.errors import UserError
@@ -47,6 +45,8 @@ def train_a_few_steps(model, steps: int = 5) -> None:
 
 def lora_deltas(peft_model, alpha: float, r: int) -> dict[str, torch.Tensor]:
     """By hand, in float64: plain module name -> (alpha / r) · B @ A."""
+    from peft.tuners.lora import LoraLayer
+
     return {name: (alpha / r) * (m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double())
             for name, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
 
@@ -61,6 +61,9 @@ def with_weights(model, weights: dict[str, torch.Tensor]):
 
 
 def test_merge_keeps_zeros_and_matches_reference_after_training():
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
     model, masks = pruned_llama()
     base = copy.deepcopy(model)
     peft_model = add_sparse_lora(model, LoraSettings(r=4, alpha=16))
@@ -91,6 +94,8 @@ def test_merge_keeps_zeros_and_matches_reference_after_training():
 
 
 def test_merge_bf16_with_maskset_like_object():
+    from peft.tuners.lora import LoraLayer
+
     model, masks = pruned_llama(dtype=torch.bfloat16)
     peft_model = add_sparse_lora(model, LoraSettings(r=2, alpha=4, targets=["q_proj", "mlp.down_proj"]))
     with torch.no_grad():
@@ -109,10 +114,16 @@ def test_merge_bf16_with_maskset_like_object():
         torch.testing.assert_close(w, expected, rtol=1e-2, atol=1e-2)
 
 
+def test_lora_settings_validation():
+    for bad, message in [({"r": 0}, "rank r must be > 0"), ({"r": 4, "alpha": 0}, "alpha must be >= 1"),
+                         ({"r": 4, "dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+                         ({"r": 4, "dropout": -0.1}, r"dropout must be in \[0, 1\)")]:
+        with pytest.raises(UserError, match=message):
+            LoraSettings(**bad)
+
+
 def test_add_sparse_lora_errors():
     model, _ = pruned_llama()
-    with pytest.raises(UserError, match="rank r must be > 0"):
-        add_sparse_lora(model, LoraSettings(r=0))
     with pytest.raises(UserError, match="matches LoRA targets"):
         add_sparse_lora(model, LoraSettings(r=2, targets=["lm_head"]))  # outside the decoder layers
     with pytest.raises(UserError, match=r"model.layers.0.self_attn is a LlamaAttention, not an nn.Linear.*'q_proj'"):
@@ -122,13 +133,13 @@ def test_add_sparse_lora_errors():
 @pytest.mark.parametrize("targets", [None, ["c_attn"]])
 def test_gpt2_conv1d_target_is_rejected(targets):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32))
-    with pytest.raises(UserError, match=r"transformer.h.0.attn.c_attn is a Conv1D, not an nn.Linear.*lora_r: 0"):
+    with pytest.raises(UserError, match=r"transformer.h.0.attn.c_attn is a Conv1D, not an nn.Linear.*without LoRA"):
         add_sparse_lora(gpt2, LoraSettings(r=2, targets=targets))
 
 
 def test_merge_errors():
     model, masks = pruned_llama()
-    with pytest.raises(UserError, match="needs the PeftModel"):
+    with pytest.raises(TypeError, match="needs the PeftModel"):
         merge_sparse_lora(model, masks)
     peft_model = add_sparse_lora(model, LoraSettings(r=2, targets=["q_proj"]))
     missing = {n: m for n, m in masks.items() if n != "model.layers.1.self_attn.q_proj"}

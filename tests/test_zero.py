@@ -11,12 +11,19 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-
-from sparsegpt.masks import MaskSet
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 from zero_worker import magnitude_prune, tiny_llama, toy_ids, worker_config
+
+from sparsegpt.finetune import finetune
+from sparsegpt.masks import MaskSet
+from sparsegpt.models import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -31,11 +38,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def single_process_losses():
     """The same 4 steps in one process (grad_accum 4 = the 2 processes' global batch of 8 rows)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    from sparsegpt.finetune import finetune
-
     model = tiny_llama()
     os.environ["SPARSEGPT_NO_PROGRESS"] = "1"
     losses = finetune(model, toy_ids(), magnitude_prune(model), worker_config(grad_accum=4),
@@ -84,8 +86,6 @@ def test_training_keeps_masks_in_weights_master_copies_and_moments(recipe, tmp_p
         assert run["masked_nonzero"] == {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0}, run["enforcement"]
         assert run["fixed_after"] < run["fixed_before"]
         assert run["losses"] == pytest.approx(single_process_losses, rel=1e-4)
-        from transformers import AutoModelForCausalLM
-
         folder = tmp_path / f"model-{run['enforcement']}"
         reloaded = AutoModelForCausalLM.from_pretrained(folder)
         saved = MaskSet.load(folder / "mask.safetensors")
@@ -97,11 +97,6 @@ def test_training_keeps_masks_in_weights_master_copies_and_moments(recipe, tmp_p
 def test_zero3_cli_resume_from_a_mid_run_checkpoint_is_bitwise(tiny_llama_dir, tmp_path):
     """`sparsegpt finetune` under ZeRO-3; a second run given only the first run's step-2 checkpoint (and a step-4
     folder without manifest, as a kill during the save leaves it) resumes to the same model bit for bit."""
-    from pydoc_data.topics import topics
-    from safetensors.torch import load_file
-
-    from sparsegpt.models import load_model, save_model
-
     model, tokenizer = load_model(tiny_llama_dir)
     masks = magnitude_prune(model)
     save_model(model, tokenizer, tmp_path / "pruned")

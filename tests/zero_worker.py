@@ -16,9 +16,14 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sparsegpt.masks import MaskSet
+from sparsegpt.architectures import prunable_linears
+from sparsegpt.checkpoint import save_finetuned
+from sparsegpt.dsconfig import cpu_deepspeed_handlers
+from sparsegpt.finetune import FinetuneConfig, finetune
+from sparsegpt.masks import MaskSet, mask_in_param_layout
 
 VOCAB = 96
 
@@ -33,8 +38,6 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 def magnitude_prune(model, sparsity: float = 0.7) -> MaskSet:
     """Zero the smallest-|w| `sparsity` fraction of every prunable linear; the mask of those zeros."""
-    from sparsegpt.architectures import prunable_linears
-
     with torch.no_grad():
         for module in prunable_linears(model).values():
             w = module.weight
@@ -51,10 +54,8 @@ def toy_ids(rows: int = 16, seqlen: int = 24, seed: int = 1) -> torch.Tensor:
     return (start + stride * torch.arange(seqlen)) % VOCAB
 
 
-def worker_config(enforcement: str = "full", grad_accum: int = 2):
+def worker_config(enforcement: str = "full", grad_accum: int = 2) -> FinetuneConfig:
     """The fine-tune settings of every worker run: 4 steps of 2 rows × grad_accum micro-batches per process."""
-    from sparsegpt.finetune import FinetuneConfig
-
     return FinetuneConfig(steps=4, lr=3e-3, micro_batch_size=2, grad_accum=grad_accum, seed=0, weight_decay=0.1,
                           schedule="constant", mask_enforcement=enforcement)
 
@@ -77,8 +78,6 @@ def _count(report: dict, key: str, full: torch.Tensor, mask: torch.Tensor) -> No
 def _state_report(model, masks: MaskSet, ckpt: Path | None) -> dict:
     """Non-zero counts of the fp32 master weights and Adam moments at masked and kept positions: gathered from
     the ZeRO partitions with DeepSpeed's public accessors, or (DDP) the weights and the checkpoint's moments."""
-    from sparsegpt.masks import mask_in_param_layout
-
     report = {"masked_nonzero": {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0},
               "kept_nonzero": {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0}, "weights_checked": 0}
     if ckpt is not None:  # accelerate's optimizer.bin: state indexed by parameter order
@@ -100,9 +99,7 @@ def _state_report(model, masks: MaskSet, ckpt: Path | None) -> dict:
     return report
 
 
-def _run(accelerator, enforcement: str, out: Path) -> dict:
-    from sparsegpt.finetune import finetune, save_finetuned
-
+def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
     model = tiny_llama()
     masks = magnitude_prune(model)
     ids = toy_ids()
@@ -126,10 +123,6 @@ def _run(accelerator, enforcement: str, out: Path) -> dict:
 
 
 def main(out: str) -> None:
-    from accelerate import Accelerator
-
-    from sparsegpt.finetune import cpu_deepspeed_handlers
-
     torch.set_num_threads(1)
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
     out_dir = Path(out)

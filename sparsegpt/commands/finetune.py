@@ -20,7 +20,17 @@ import json
 import logging
 from pathlib import Path
 
+from accelerate import Accelerator
+
+from sparsegpt.checkpoint import save_finetuned
+from sparsegpt.data import check_source, default_seqlen, train_ids
+from sparsegpt.distill import KDConfig
+from sparsegpt.dsconfig import cpu_deepspeed_handlers
 from sparsegpt.errors import UserError
+from sparsegpt.finetune import FinetuneConfig, finetune
+from sparsegpt.lora import LoraSettings
+from sparsegpt.masks import MaskSet
+from sparsegpt.models import check_model, load_model, resolve_model_path
 
 HELP = "fine-tune a pruned model with its mask held exactly (KD, LoRA, DeepSpeed ZeRO)"
 
@@ -53,22 +63,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output HF folder (replaced atomically when done)")
 
 
-def _config(args: argparse.Namespace):
-    from sparsegpt.finetune import FinetuneConfig
-
+def _config(args: argparse.Namespace) -> FinetuneConfig:
     kd_logit = args.kd_logit if args.kd_logit is not None else (1.0 if args.kd else 0.0)
+    kd = None
+    if args.kd or kd_logit or args.kd_hidden:  # a KD weight without --kd: finetune() says the teacher is missing
+        kd = KDConfig(logit_weight=kd_logit, hidden_weight=args.kd_hidden, temperature=args.kd_temperature)
     return FinetuneConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
                           schedule=args.schedule, micro_batch_size=args.micro_batch, grad_accum=args.grad_accum,
                           max_grad_norm=args.max_grad_norm or None, seed=args.seed,
-                          gradient_checkpointing=args.gradient_checkpointing, kd_logit_weight=kd_logit,
-                          kd_hidden_weight=args.kd_hidden, kd_temperature=args.kd_temperature, lora_r=args.lora,
+                          gradient_checkpointing=args.gradient_checkpointing, kd=kd,
+                          lora=LoraSettings(r=args.lora) if args.lora else None,
                           checkpoint_every=args.checkpoint_every)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from sparsegpt.data import check_source
-    from sparsegpt.models import check_model
-
     check_model(args.model)
     if args.kd:
         check_model(args.kd)
@@ -81,13 +89,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load model (+ teacher), mask and data; fine-tune; save the folder from the main process."""
-    from accelerate import Accelerator
-
-    from sparsegpt.data import default_seqlen, train_ids
-    from sparsegpt.finetune import cpu_deepspeed_handlers, finetune, save_finetuned
-    from sparsegpt.masks import MaskSet
-    from sparsegpt.models import load_model, resolve_model_path
-
     cfg = _config(args)
     _check_args(args)
     # Load before the Accelerator exists: under a ZeRO-3 config it makes from_pretrained shard the weights
