@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +64,7 @@ SHARD_NAME = "compact-{:05d}-of-{:05d}.safetensors"
 BITMASK = "bitmask"
 SEMI_24 = "2:4"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+COPY_BLOCK_BYTES = 16 * 2**20
 MASK_FILE = "mask.safetensors"
 
 # safetensors dtype codes of the tensors a model folder may hold
@@ -214,7 +215,7 @@ class _Item:
 
     param: str
     stored: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # stored tensor name -> (dtype, shape)
-    produce: Callable[[], dict[str, Tensor]]
+    produce: Callable[[], dict[str, Iterable[Tensor]]]  # stored name -> pieces whose bytes, in order, are it
     spec: dict | None = None  # for encoded weights: {"encoding", "shape", "dtype", "transposed"}
     dense_bytes: int = 0
 
@@ -268,10 +269,15 @@ def _write_shard(path: Path, items: list[_Item], bar) -> None:
         for item in items:
             tensors = item.produce()
             for name, (dtype, shape) in item.stored.items():
-                t = tensors[name]
-                if t.dtype != dtype or tuple(t.shape) != shape:  # a planning bug, not bad input
-                    raise RuntimeError(f"{name}: planned {dtype} {shape}, produced {t.dtype} {tuple(t.shape)}")
-                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                written = 0
+                for piece in tensors[name]:
+                    if piece.dtype != dtype:  # a planning bug, not bad input
+                        raise RuntimeError(f"{name}: planned {dtype}, produced {piece.dtype}")
+                    written += piece.numel()
+                    f.write(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                    del piece
+                if written != math.prod(shape):
+                    raise RuntimeError(f"{name}: planned {shape}, produced {written} elements")
             del tensors
             bar.update(1)
         f.flush()
@@ -316,16 +322,18 @@ def _encoded_item(param: str, shape: tuple[int, int], dtype: torch.dtype, transp
         negative_zeros = int(torch.signbit(pruned).sum())
         if negative_zeros:
             log.info("%s: %d pruned weights are -0.0; they load as +0.0", param, negative_zeros)
-        return {f"{param}.{k}": v for k, v in encode(w, keep_now, encoding).items()}
+        return {f"{param}.{k}": [v] for k, v in encode(w, keep_now, encoding).items()}
 
     stored = {f"{param}.{k}": v for k, v in stored_shapes(encoding, shape, int(keep.sum()), dtype).items()}
     return _Item(param, stored, produce, spec, dense_bytes=math.prod(shape) * dtype.itemsize)
 
 
-def _plain_item(name: str, dtype: torch.dtype, shape: tuple[int, ...], get: Callable[[], Tensor]) -> _Item:
+def _plain_item(name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                pieces: Callable[[], Iterable[Tensor]]) -> _Item:
+    """A tensor stored as it is; `pieces()` yields it whole or as consecutive row blocks."""
     if dtype not in _CODES:
         raise UserError(f"tensor {name} has dtype {dtype}, which the compact format does not store")
-    return _Item(name, {name: (dtype, shape)}, lambda: {name: get()})
+    return _Item(name, {name: (dtype, shape)}, lambda: {name: pieces()})
 
 
 # -- reading a dense folder, one tensor at a time -----------------------------------------------------------------
@@ -364,14 +372,29 @@ class _DenseFolder:
         with _open(self.where[name]) as f:
             return f.get_tensor(name)
 
+    def row_blocks(self, name: str) -> Iterator[Tensor]:
+        """The tensor as consecutive blocks of rows of about COPY_BLOCK_BYTES, each read through its own handle,
+        so copying an embedding matrix never holds (or maps) more than one block."""
+        dtype, shape = self.meta(name)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize if shape else 0
+        if len(shape) < 2 or row_bytes * shape[0] <= COPY_BLOCK_BYTES:
+            yield self.get(name)
+            return
+        step = max(1, COPY_BLOCK_BYTES // row_bytes)
+        for start in range(0, shape[0], step):
+            with _open(self.where[name]) as f:
+                block = f.get_slice(name)[start:start + step]
+            yield block
+            del block
+
 
 class _MaskFile:
     """A mask.safetensors read one mask at a time (MaskSet.load unpacks every mask at once: 1 byte per weight)."""
 
-    def __init__(self, path: Path, stack: contextlib.ExitStack):
+    def __init__(self, path: Path):
         self.path = path
-        self.handle = stack.enter_context(_open(path))
-        meta = self.handle.metadata() or {}
+        with _open(path) as f:
+            meta = f.metadata() or {}
         if meta.get("format") != mask_io.FORMAT:
             raise UserError(f"{path} is not a sparsegpt mask file (format {meta.get('format')!r}, "
                             f"expected {mask_io.FORMAT!r})")
@@ -381,7 +404,8 @@ class _MaskFile:
         """The (out, in) keep mask (True = kept) of module `name`."""
         shape = self.shapes[name]
         numel = math.prod(shape)
-        packed = self.handle.get_tensor(name).numpy()
+        with _open(self.path) as f:  # a short-lived handle: read pages do not stay mapped
+            packed = f.get_tensor(name).numpy()
         if packed.size != (numel + 7) // 8:
             raise UserError(f"{self.path}: mask {name} holds {packed.size} bytes, shape {list(shape)} needs "
                             f"{(numel + 7) // 8}; the file is truncated or corrupt")
@@ -407,12 +431,12 @@ def _skeleton(folder: Path) -> tuple[PretrainedConfig, nn.Module]:
     return config, model
 
 
-def _plan_folder(folder: Path, dense: _DenseFolder, stack: contextlib.ExitStack) -> list[_Item]:
+def _plan_folder(folder: Path, dense: _DenseFolder) -> list[_Item]:
     """The items of a dense folder: its mask's linears encoded (else the exact zeros of the prunable linears)."""
     _, skeleton = _skeleton(folder)
     modules = dict(skeleton.named_modules())
     mask_path = folder / MASK_FILE
-    mask_file = _MaskFile(mask_path, stack) if mask_path.is_file() else None
+    mask_file = _MaskFile(mask_path) if mask_path.is_file() else None
     if mask_file is not None:
         names = list(mask_file.shapes)
         for name in names:
@@ -447,7 +471,7 @@ def _plan_folder(folder: Path, dense: _DenseFolder, stack: contextlib.ExitStack)
     for name in dense.where:
         if name not in encoded:
             dtype, shape = dense.meta(name)
-            items.append(_plain_item(name, dtype, shape, functools.partial(dense.get, name)))
+            items.append(_plain_item(name, dtype, shape, functools.partial(dense.row_blocks, name)))
     return items
 
 
@@ -522,7 +546,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise UserError(f"the maximum shard size must be positive, got {max_shard_bytes}")
     summary = ExportSummary(out_dir=str(out_dir), source=str(folder))
     with contextlib.ExitStack() as stack:
-        items = _plan_folder(folder, _DenseFolder(folder, stack), stack)
+        items = _plan_folder(folder, _DenseFolder(folder, stack))
 
         def write(tmp: Path) -> None:
             _write_compact(tmp, items, max_shard_bytes, summary)
@@ -540,6 +564,10 @@ def save_compact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | No
     with the config, generation config and tokenizer files save_model would write."""
     masks.check_shapes(model)
     modules = masks.modules(model)
+    for name, module in modules.items():
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            raise UserError(f"the mask names {name}, which is no nn.Linear / Conv1D (fused MoE expert masks are not "
+                            f"supported by {FORMAT})")
     items = []
     seen: set[tuple[int, int, tuple, tuple]] = set()
     encoded = {f"{name}.weight": name for name in modules}
@@ -557,7 +585,7 @@ def save_compact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | No
             items.append(_encoded_item(key, tuple(keep.shape), tensor.dtype, transposed, keep,
                                        lambda t=tensor: t.cpu(), lambda keep=keep: keep))
         else:
-            items.append(_plain_item(key, tensor.dtype, tuple(tensor.shape), lambda t=tensor: t.cpu()))
+            items.append(_plain_item(key, tensor.dtype, tuple(tensor.shape), lambda t=tensor: [t.cpu()]))
     summary = ExportSummary(out_dir=str(out_dir), source=None)
 
     def write(tmp: Path) -> None:
