@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 from torch import nn
+from torch.sparse import to_sparse_semi_structured
 
 from sparsegpt import compact
 from sparsegpt.architectures import prunable_linears
@@ -323,7 +324,6 @@ def gpu_semi_structured(batches=(1, 16, 128, 2048), dtype: torch.dtype = torch.f
     (the backend torch picks: cuSPARSELt when available, else CUTLASS); skipped without CUDA."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device on this machine; run `python bench/inference.py --gpu` on one"}
-    from torch.sparse import to_sparse_semi_structured
 
     torch.manual_seed(0)
     stack = []

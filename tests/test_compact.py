@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.sparse import to_sparse_semi_structured
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sparsegpt import cli, compact
@@ -177,8 +178,6 @@ def test_semi_24_is_the_cutlass_layout(dtype):
 
 @pytest.mark.gpu
 def test_semi_24_matmul_on_cuda(tmp_path, make_tiny_model, tiny_tokenizer):
-    from torch.sparse import to_sparse_semi_structured
-
     model = make_tiny_model("llama").to(torch.float16)
     dense = save_pruned(model, tiny_tokenizer, prune(model, "2:4"), tmp_path / "dense")
     compact.export(dense, tmp_path / "compact")
