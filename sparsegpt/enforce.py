@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from sparsegpt.masks import MaskSet, mask_in_param_layout
+from sparsegpt.masks import KeepMask, MaskSet, keep_mask_of
 
 # A pruned weight must stay exactly 0; the trainer has two independent guards:
 # 1. gradient hooks (`MaskSet.grad_hooks`) zero the gradient at masked positions as autograd produces it, before
@@ -16,77 +16,79 @@ from sparsegpt.masks import MaskSet, mask_in_param_layout
 # 2. after every optimizer step `MaskEnforcer` re-zeroes the masked entries of the fp32 master weights, both Adam
 #    moments and the (low-precision) model weights, touching only this rank's partition (no gather).
 # "full" uses both; "hooks" (1 only), "step" (2 only) and "none" exist for benchmarks and negative-control tests.
+# Both guards share one `KeepMask` per parameter: an unpacked keep in the weight's dtype where every rank holds
+# the weight whole, only this rank's packed bits under ZeRO-3 (unpacked for one parameter at a time).
 ENFORCEMENT = ("full", "hooks", "step", "none")
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass
 class _Slot:
-    """One masked, trainable weight and its keep-multiplier (1 = kept, 0 = pruned) for each copy to re-zero."""
+    """One masked, trainable parameter: its `KeepMask` (shared with its gradient hook, if any) and, for a ZeRO-1/2
+    bf16 optimizer, this rank's fragment of the flattened keep (a view, or a copy on the fp32 fragment's device)."""
 
-    param: nn.Parameter
-    keep: Tensor                # in the param's layout, device and dtype
-    flat: Tensor | None = None  # float32 (CPU): this rank's slice of the flattened keep (ZeRO partition / fragment)
-    _cache: dict = field(default_factory=dict)
+    mask: KeepMask
+    fragment: Tensor | None = None
 
-    def flat_like(self, tensor: Tensor) -> Tensor:
-        """`flat` on tensor's device and dtype, converted once."""
-        key = (tensor.device, tensor.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.flat.to(device=tensor.device, dtype=tensor.dtype)
-        return self._cache[key]
+    @property
+    def param(self) -> nn.Parameter:
+        return self.mask.param
+
+    @property
+    def keep(self) -> Tensor | None:
+        """The unpacked keep in the parameter's layout (None for a ZeRO-3 partitioned parameter)."""
+        return self.mask.keep
+
+    def fragment_on(self, device: torch.device) -> Tensor:
+        if self.fragment.device != device:
+            self.fragment = self.fragment.to(device)  # once: the fp32 fragments live on one device
+        return self.fragment
 
 
 class MaskEnforcer:
     """Re-zeroes masked entries of weights, fp32 master weights and Adam moments after an optimizer step,
     through DeepSpeed's fragment/partition accessors where DeepSpeed owns them, touching only local data.
-    Zeroing is a multiply by the keep mask (several times faster than masked_fill_ on CPU; 0 stays 0)."""
+    Zeroing is a multiply by the keep mask (several times faster than masked_fill_ on CPU; 0 stays 0).
+    One slot per parameter (a fused experts parameter is one slot for all its experts); build it after
+    `MaskSet.grad_hooks` to share the hooks' keeps."""
 
     def __init__(self, model: nn.Module, masks: MaskSet, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self.slots: list[_Slot] = []
-        for name, module in masks.modules(model).items():
-            param = module.weight
+        for _, param, mask in masks.iter_param_masks(model):
             if not param.requires_grad:
                 continue
-            keep = (~mask_in_param_layout(module, masks.masks[name])).float()
-            slot = _Slot(param, keep.to(device=param.device, dtype=param.dtype))
-            if hasattr(param, "ds_id"):  # ZeRO-3: rank r owns [r*n, (r+1)*n) of the flattened, padded weight
-                from deepspeed import comm as dist
-
-                n = param.ds_tensor.numel()
-                rank = dist.get_rank(group=param.ds_process_group)
-                padded = torch.zeros(n * dist.get_world_size(group=param.ds_process_group))
-                padded[: keep.numel()] = keep.flatten()
-                slot.flat = padded[rank * n:(rank + 1) * n].clone()
-            elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer: a fragment
-                address = param._hp_mapping.lp_fragment_address
-                slot.flat = keep.flatten()[address.start:address.start + address.numel].clone()
+            slot = _Slot(keep_mask_of(param) or KeepMask(param, mask))
+            mapping = getattr(param, "_hp_mapping", None)
+            if not hasattr(param, "ds_id") and mapping is not None:  # ZeRO-1/2, bf16 optimizer: a fragment
+                address = mapping.lp_fragment_address
+                slot.fragment = slot.keep.view(-1)[address.start:address.start + address.numel]
             self.slots.append(slot)
 
     @torch.no_grad()
     def __call__(self) -> None:
         """Zero every masked entry this rank holds."""
         for slot in self.slots:
-            param = slot.param
+            param, keep = slot.param, slot.keep
             if hasattr(param, "ds_id"):
-                self._zero3(slot)
+                self._zero3(slot.mask)
                 continue
             mapping = getattr(param, "_hp_mapping", None)
             if mapping is not None:
-                _zero_flat(mapping.get_hp_fragment(), slot)
+                _mul_flat(mapping.get_hp_fragment(), slot)
                 if mapping.optim_fragment:  # linked by DeepSpeed after the first real step
                     for key in ADAM_STATES:
-                        _zero_flat(mapping.get_hp_fragment(key), slot)
+                        _mul_flat(mapping.get_hp_fragment(key), slot)
             elif not hasattr(param, "_hp_mapping"):  # plain torch optimizer owns the state
                 for key in ADAM_STATES:
                     state = self.optimizer.state.get(param, {}).get(key)
                     if state is not None:
-                        state.mul_(slot.keep)
-            param.data.mul_(slot.keep)
+                        state.mul_(keep)
+            param.data.mul_(keep)
 
     @staticmethod
-    def _zero3(slot: _Slot) -> None:
+    def _zero3(keep: KeepMask) -> None:
+        """This rank's partition: fp32 master, Adam moments, the partitioned weight (and a persistent weight)."""
         from deepspeed.utils import (
             safe_get_local_fp32_param,
             safe_get_local_optimizer_state,
@@ -94,14 +96,22 @@ class MaskEnforcer:
             safe_set_local_optimizer_state,
         )
 
-        param = slot.param
-        safe_set_local_fp32_param(param, _zero_flat(safe_get_local_fp32_param(param), slot))
+        local: dict[tuple, Tensor] = {}  # this parameter's unpacked local keep, per (device, dtype), this call only
+
+        def zero(tensor: Tensor) -> Tensor:
+            key = (tensor.device, tensor.dtype)
+            if key not in local:
+                local[key] = keep.local_keep(tensor)
+            tensor.view(-1).mul_(local[key])
+            return tensor
+
+        param = keep.param
+        safe_set_local_fp32_param(param, zero(safe_get_local_fp32_param(param)))
         for key in ADAM_STATES:
-            state = safe_get_local_optimizer_state(param, key)
-            safe_set_local_optimizer_state(param, _zero_flat(state, slot), key)
-        _zero_flat(param.ds_tensor.data, slot)
-        if param.data.numel() == slot.keep.numel():  # a persistent (never partitioned away) parameter
-            param.data.mul_(slot.keep)
+            safe_set_local_optimizer_state(param, zero(safe_get_local_optimizer_state(param, key)), key)
+        zero(param.ds_tensor.data)
+        if keep.keep is not None and param.data.numel() == keep.numel:  # a persistent (never partitioned) one
+            param.data.mul_(keep.keep)
 
     @torch.no_grad()
     def revived(self) -> int:
@@ -110,14 +120,29 @@ class MaskEnforcer:
         for slot in self.slots:
             param = slot.param
             if hasattr(param, "ds_id"):
-                local = param.ds_tensor.data.flatten()
-                total += int(((local != 0) & (slot.flat_like(local) == 0)).sum())
+                local = param.ds_tensor.data.view(-1)
+                total += int(((local != 0) & (slot.mask.local_keep(local) == 0)).sum())
             else:
                 total += int(((param.data != 0) & (slot.keep == 0)).sum())
         return total
 
+    def held_bytes(self) -> int:
+        """Bytes of the mask tensors this enforcer and the live gradient hooks of its parameters keep alive, each
+        storage counted once (a fragment view of a keep is the keep)."""
+        storages = {}
+        for slot in self.slots:
+            tensors = slot.mask.tensors() + ([slot.fragment] if slot.fragment is not None else [])
+            hook = keep_mask_of(slot.param)
+            if hook is not None and hook is not slot.mask:
+                tensors += hook.tensors()
+            for tensor in tensors:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
-def _zero_flat(tensor: Tensor, slot: _Slot) -> Tensor:
-    """Zero the masked entries of a flat local copy (partition / fragment) of slot's weight in place; returns it."""
-    tensor.view(-1).mul_(slot.flat_like(tensor))
+
+def _mul_flat(tensor: Tensor, slot: _Slot) -> Tensor:
+    """Zero the masked entries of this rank's flat fp32 fragment of slot's weight in place (keep in the weight's
+    dtype: 0/1 are exact in every float dtype); returns it."""
+    tensor.view(-1).mul_(slot.fragment_on(tensor.device))
     return tensor

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,81 @@ def param_name(name: str, module: nn.Module | ExpertLinear) -> str:
     return name.rpartition(".")[0] if isinstance(module, ExpertLinear) else f"{name}.weight"
 
 
+def pack_bits(mask: Tensor) -> Tensor:
+    """A bool tensor flattened and packed 8 entries per uint8 byte, first entry in the high bit (np.packbits)."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """The first `numel` entries packed by `pack_bits`, as a flat bool tensor on packed's device."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
+class KeepMask:
+    """The keep multiplier (1 = kept, 0 = pruned) of one masked parameter: its gradient hook (an instance is the
+    hook) and the state `MaskEnforcer` re-zeroes with, shared by both.
+
+    A parameter every rank holds whole (no ZeRO-3, or a ZeRO-3 persistent one) gets `keep`, unpacked in its own
+    layout, device and dtype. A ZeRO-3 partitioned one gets only `local_bits`: the pruned bits of this rank's
+    partition [rank*n, (rank+1)*n) of the flattened, padded parameter (padding counts as pruned), 1 bit per
+    weight; an unpacked keep exists only inside one call (`local_keep`, or `full_keep` in the hook, which sees
+    the gathered parameter's full-size gradient)."""
+
+    def __init__(self, param: nn.Parameter, mask: Tensor):
+        self.param, self.numel = param, mask.numel()
+        self.keep: Tensor | None = None
+        self.local_bits: Tensor | None = None
+        self.local_numel = 0
+        if hasattr(param, "ds_id"):
+            from deepspeed import comm as dist
+
+            n = param.ds_tensor.numel()
+            start = dist.get_rank(group=param.ds_process_group) * n
+            local = torch.ones(n, dtype=torch.bool)
+            piece = mask.reshape(-1)[start:start + n]
+            local[:piece.numel()] = piece
+            self.local_bits, self.local_numel = pack_bits(local).to(param.ds_tensor.device), n
+            if param.data.numel() != self.numel:  # partitioned away: no rank holds this weight whole
+                return
+        self.keep = (~mask).to(device=param.device, dtype=param.dtype).contiguous()
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors this keep holds alive."""
+        return [t for t in (self.keep, self.local_bits) if t is not None]
+
+    def local_keep(self, like: Tensor) -> Tensor:
+        """ZeRO-3: this rank's flat keep multiplier on like's device, in its dtype (a fresh tensor)."""
+        return (~unpack_bits(self.local_bits.to(like.device), self.local_numel)).to(like.dtype)
+
+    def full_keep(self, like: Tensor) -> Tensor:
+        """ZeRO-3: the whole parameter's flat keep multiplier, gathered from every rank's bits (a collective)."""
+        from deepspeed import comm as dist
+
+        group = self.param.ds_process_group
+        bits = self.local_bits.to(like.device)
+        parts = [torch.empty_like(bits) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, bits, group=group)
+        pruned = torch.cat([unpack_bits(part, self.local_numel) for part in parts])[:self.numel]
+        del parts
+        return (~pruned).to(like.dtype)
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        """The gradient hook: zero the masked entries of `grad` in place."""
+        if self.keep is not None and grad.shape == self.keep.shape:
+            return grad.mul_(self.keep)
+        if self.local_bits is None or grad.numel() != self.numel:
+            raise RuntimeError(f"mask hook got a gradient of shape {tuple(grad.shape)} for a parameter of "
+                               f"{self.numel} elements")
+        return grad.mul_(self.full_keep(grad).view(grad.shape))
+
+
+def keep_mask_of(param: Tensor) -> KeepMask | None:
+    """The `KeepMask` gradient hook registered on `param` by `MaskSet.grad_hooks`, if any (and not removed)."""
+    hooks = getattr(param, "_backward_hooks", None) or {}
+    return next((hook for hook in hooks.values() if isinstance(hook, KeepMask)), None)
+
+
 class MaskSet:
     """Module name -> bool mask (CPU, (out, in), True = pruned) for the prunable linears of one model."""
 
@@ -91,17 +167,23 @@ class MaskSet:
         """Qualified parameter name -> (parameter, bool mask in the parameter's own layout): Conv1D transposed, a
         fused experts parameter as one (experts, out, in) mask stacked from its experts' masks (an expert without
         a mask is all kept). One entry per parameter, so hooks and enforcement touch each parameter once."""
-        out: dict[str, tuple[nn.Parameter, Tensor]] = {}
+        return {key: (param, mask) for key, param, mask in self.iter_param_masks(model)}
+
+    def iter_param_masks(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Tensor]]:
+        """`param_masks` one parameter at a time: (name, parameter, mask), so at most one stacked fused-experts
+        mask exists at a time."""
+        groups: dict[str, list[tuple[str, nn.Module | ExpertLinear]]] = {}
         for name, module in self.modules(model).items():
-            key = param_name(name, module)
+            groups.setdefault(param_name(name, module), []).append((name, module))
+        for key, members in groups.items():
+            name, module = members[0]
             if not isinstance(module, ExpertLinear):
-                out[key] = (module.weight, mask_in_param_layout(module, self.masks[name]))
+                yield key, module.weight, mask_in_param_layout(module, self.masks[name])
                 continue
-            if key not in out:
-                out[key] = (module.weight, torch.zeros(param_shape(module.weight), dtype=torch.bool))
-            mask = self.masks[name]
-            out[key][1][module.index] = mask.t() if module.transposed else mask
-        return out
+            mask = torch.zeros(param_shape(module.weight), dtype=torch.bool)
+            for name, expert in members:
+                mask[expert.index] = self.masks[name].t() if expert.transposed else self.masks[name]
+            yield key, module.weight, mask
 
     def check_shapes(self, model: nn.Module) -> None:
         """UserError unless every masked module exists and its (out, in) weight shape equals its mask's."""
@@ -146,25 +228,24 @@ class MaskSet:
     def grad_hooks(self, model: nn.Module) -> list[RemovableHandle]:
         """Zero every masked weight's gradient at masked positions as autograd produces it (before accumulation,
         all-reduce or ZeRO partitioning); frozen weights get no hook. Register them once the weights have their
-        final device and dtype: each hook multiplies by a keep mask (1 = kept) of that device and dtype (several
-        times faster than masked_fill on CPU), in place: a weight's gradient is a fresh matmul result that
-        nothing else holds, and skipping a weight-sized allocation per step halves the hooks' cost on CPU.
-        One hook per parameter (a fused experts parameter's keep covers all its experts). Remove the returned
-        handles when done."""
+        final device and dtype (after accelerate's prepare): each hook is a `KeepMask`, which multiplies the
+        gradient in place by a keep mask (1 = kept) of the weight's device and dtype (several times faster than
+        masked_fill on CPU; a weight's gradient is a fresh matmul result that nothing else holds). Under ZeRO-3 a
+        partitioned weight's hook holds only this rank's bits and gathers the whole mask for the duration of one
+        call. One hook per parameter (a fused experts parameter's keep covers all its experts); `MaskEnforcer`
+        reuses the hooks' keeps. Remove the returned handles when done."""
         self.check_shapes(model)
         handles = []
-        for weight, mask in self.param_masks(model).values():
-            if not weight.requires_grad:
-                continue
-            keep = (~mask).to(device=weight.device, dtype=weight.dtype)
-            handles.append(weight.register_hook(lambda grad, keep=keep: grad.mul_(keep)))
+        for _, weight, mask in self.iter_param_masks(model):
+            if weight.requires_grad:
+                handles.append(weight.register_hook(KeepMask(weight, mask)))
         log.debug("registered %d gradient mask hooks", len(handles))
         return handles
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the masks packed 1 bit per weight (safetensors, shapes in the metadata), atomically."""
         path = Path(path)
-        tensors = {name: torch.from_numpy(np.packbits(m.flatten().numpy())) for name, m in self.masks.items()}
+        tensors = {name: pack_bits(m) for name, m in self.masks.items()}
         shapes = {name: list(m.shape) for name, m in self.masks.items()}
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "shapes": json.dumps(shapes)})

@@ -1,4 +1,5 @@
-"""MaskSet: exact zeros, 1-bit save/load, apply/verify, sparsity against float64 counts, gradient hooks."""
+"""MaskSet: exact zeros, 1-bit save/load, apply/verify, sparsity against float64 counts, gradient hooks, the
+bit packing and the keep masks the hooks and the enforcer share."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
 from sparsegpt.architectures import prunable_linears, weight_as_linear
+from sparsegpt.enforce import MaskEnforcer
 from sparsegpt.errors import UserError
-from sparsegpt.masks import MaskSet, mask_in_param_layout
+from sparsegpt.masks import MaskSet, keep_mask_of, mask_in_param_layout, pack_bits, unpack_bits
 
 
 def _pruned(model, fraction: float = 0.6, seed: int = 0):
@@ -182,3 +184,26 @@ def test_grad_hooks_cover_fused_expert_parameters():
         assert torch.count_nonzero(param.grad[mask]) == 0 and torch.count_nonzero(param.grad[~mask]) > 0
     for handle in handles:
         handle.remove()
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000])
+def test_pack_bits_is_np_packbits_and_unpacks_exactly(numel):
+    mask = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and np.array_equal(packed.numpy(), np.packbits(mask.numpy()))
+    assert torch.equal(unpack_bits(packed, numel), mask)
+
+
+def test_enforcer_shares_the_hooks_keep_one_per_parameter(pruned_model):
+    masks = MaskSet.from_model(pruned_model)
+    optimizer = torch.optim.AdamW(pruned_model.parameters())
+    one_keep_each = sum(p.numel() * p.element_size() for p, _ in masks.param_masks(pruned_model).values())
+    alone = MaskEnforcer(pruned_model, masks, optimizer)
+    assert alone.held_bytes() == one_keep_each
+    handles = masks.grad_hooks(pruned_model)
+    shared = MaskEnforcer(pruned_model, masks, optimizer)
+    assert all(slot.mask is keep_mask_of(slot.param) for slot in shared.slots)
+    assert shared.held_bytes() == one_keep_each  # not twice: hook and enforcer hold the same keep
+    for handle in handles:
+        handle.remove()
+    assert all(keep_mask_of(slot.param) is None for slot in shared.slots)

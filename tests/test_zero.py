@@ -79,6 +79,7 @@ def test_training_keeps_masks_in_weights_master_copies_and_moments(recipe, tmp_p
         run = runs[0]
         assert run["optimizer"] == ("DeepSpeedCPUAdam" if "offload" in recipe else "AdamW")
         assert run["weights_checked"] == len(expected_masks.masks)
+        _check_held_mask_bytes(recipe, run)
         assert all(v > 0 for v in run["kept_nonzero"].values())  # the gathered tensors are real
         if run["enforcement"] == "none":  # negative control: unguarded, the pruned weights revive
             assert all(v > 0 for v in run["masked_nonzero"].values())
@@ -92,6 +93,19 @@ def test_training_keeps_masks_in_weights_master_copies_and_moments(recipe, tmp_p
         actual = MaskSet.from_model(reloaded)
         for name, mask in expected_masks.masks.items():
             assert torch.equal(saved.masks[name], mask) and torch.equal(actual.masks[name], mask), name
+
+
+def _check_held_mask_bytes(recipe: str, run: dict) -> None:
+    """The mask tensors the hooks and the enforcer hold, per rank: under ZeRO-3 this rank's share of the packed bits
+    (at most half of one 1-bit mask of the pruned linears plus one layer's unpacked mask; in fact the half plus a
+    byte of rounding per parameter); elsewhere one unpacked keep per parameter, shared by hook and enforcer."""
+    sizes, held = run["mask_sizes"], max(run["held_bytes"])
+    assert len(run["held_bytes"]) == (1 if run["enforcement"] in ("none", "hooks") else 1 + worker_config().steps)
+    if recipe.startswith("zero3"):
+        assert held <= sizes["full_bits"] / 2 + sizes["layer_unpacked"]
+        assert held <= sizes["full_bits"] / 2 + sizes["params"]  # shrinks with the world
+    else:
+        assert held == sizes["full_unpacked"]
 
 
 def test_zero3_cli_resume_from_a_mid_run_checkpoint_is_bitwise(tiny_llama_dir, tmp_path):

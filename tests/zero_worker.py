@@ -5,13 +5,16 @@ Each process trains a tiny 70 %-pruned Llama four times: without enforcement (th
 pruned weights revive), with the gradient hooks only, with post-step enforcement only (no hooks, so the
 gradients at masked positions are non-zero and only the enforcer keeps master weights and moments at 0), and
 with both. It counts non-zeros of the fp32 master weights and Adam moments at every masked position, the
-loss on a fixed batch, and saves the model to OUT_DIR/model-{enforcement}. Results go to OUT_DIR/rank{r}.json;
-the test asserts on them and reloads the saved models with plain transformers.
+loss on a fixed batch, and saves the model to OUT_DIR/model-{enforcement}. It also records the bytes of mask
+tensors the trainer's hooks and enforcer hold (`MaskEnforcer.held_bytes`) when the enforcer is built and after
+every step, beside the sizes they are judged against. Results go to OUT_DIR/rank{r}.json; the test asserts on
+them and reloads the saved models with plain transformers.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,9 +22,11 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sparsegpt import finetune as finetune_module
 from sparsegpt.architectures import prunable_linears
 from sparsegpt.checkpoint import save_finetuned
 from sparsegpt.dsconfig import cpu_deepspeed_handlers
+from sparsegpt.enforce import MaskEnforcer
 from sparsegpt.finetune import FinetuneConfig, finetune
 from sparsegpt.masks import MaskSet, mask_in_param_layout
 
@@ -99,9 +104,41 @@ def _state_report(model, masks: MaskSet, ckpt: Path | None) -> dict:
     return report
 
 
+class RecordingEnforcer(MaskEnforcer):
+    """The trainer's enforcer, recording `held_bytes()` (its tensors and the live hooks') when built and after
+    every step; `finetune` builds it after registering the hooks."""
+
+    last: RecordingEnforcer | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held = [self.held_bytes()]
+        RecordingEnforcer.last = self
+
+    def __call__(self) -> None:
+        super().__call__()
+        self.held.append(self.held_bytes())
+
+
+def mask_sizes(model, masks: MaskSet) -> dict:
+    """Sizes the held mask bytes are judged against, from the unpartitioned model: every masked parameter's mask
+    at 1 bit per weight, unpacked in the parameter's dtype, and the largest decoder layer's mask at 1 byte per
+    weight (bool)."""
+    bits, unpacked, layers, params = 0, 0, {}, 0
+    for name, param, mask in masks.iter_param_masks(model):
+        params += 1
+        bits += (mask.numel() + 7) // 8
+        unpacked += mask.numel() * param.element_size()
+        layer = re.search(r"\.layers\.(\d+)\.", name).group(1)
+        layers[layer] = layers.get(layer, 0) + mask.numel()
+    return {"full_bits": bits, "full_unpacked": unpacked, "layer_unpacked": max(layers.values()),
+            "params": params}
+
+
 def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
     model = tiny_llama()
     masks = magnitude_prune(model)
+    sizes = mask_sizes(model, masks)
     ids = toy_ids()
     fixed = ids[:4].to(accelerator.device)
     ddp = accelerator.state.deepspeed_plugin is None
@@ -113,7 +150,8 @@ def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
     optimizer = "AdamW" if ddp else type(engine.optimizer.optimizer).__name__
     ckpt = out / f"ckpt-{enforcement}" / f"step-{cfg.steps:08d}" if ddp else None
     report = {"enforcement": enforcement, "optimizer": optimizer, "losses": result.losses, "fixed_before": before,
-              "fixed_after": _fixed_batch_loss(engine, fixed), **_state_report(model, masks, ckpt)}
+              "fixed_after": _fixed_batch_loss(engine, fixed), **_state_report(model, masks, ckpt),
+              "held_bytes": RecordingEnforcer.last.held, "mask_sizes": sizes}
     if enforcement == "none":  # the negative control: revived weights, which save_finetuned refuses to save
         accelerator.free_memory()
         return report
@@ -124,6 +162,7 @@ def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
+    finetune_module.MaskEnforcer = RecordingEnforcer  # the trainer builds the recording one
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
     out_dir = Path(out)
     reports = [_run(accelerator, enforcement, out_dir) for enforcement in ("none", "hooks", "step", "full")]
