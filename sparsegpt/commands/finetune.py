@@ -3,13 +3,18 @@ in DeepSpeed's fp32 master weights and in the Adam moments. Optional distillatio
 or sparse-merging LoRA adapters (--lora). The mask comes from the model folder's mask.safetensors, or from
 the model's exact zeros. Output: a Hugging Face folder (safetensors) with mask.safetensors.
 
-Single process, or any accelerate setup (DDP, DeepSpeed ZeRO-2/3, CPU offload) via `accelerate launch`.
+Single process, or any accelerate setup (DDP, DeepSpeed ZeRO-2/3, CPU offload) via `accelerate launch`; each
+recipes/accelerate/*.yaml header gives its GPU and CPU command. Precision is the launch's --mixed_precision
+(the ZeRO configs' DeepSpeed JSON fills its "auto" bf16/fp16 from it; default no = fp32). Checkpoints
+(--ckpt-dir) must be on a filesystem every process shares: each rank loads its own files from them.
 
 examples:
   sparsegpt finetune --model out/s70 --data stdlib-docs --steps 100 --seqlen 256 --out out/s70-healed
-  accelerate launch --config_file recipes/accelerate/zero3.yaml -m sparsegpt.cli finetune \\
+  accelerate launch --config_file recipes/accelerate/zero3.yaml --mixed_precision bf16 -m sparsegpt.cli finetune \\
       --model out/l7b-s70 --data c4 --steps 2000 --lr 5e-5 --warmup 100 --micro-batch 4 --grad-accum 8 \\
       --kd meta-llama/Llama-2-7b-hf --kd-logit 1.0 --checkpoint-every 200 --out out/l7b-s70-healed
+  DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate/zero3.yaml -m sparsegpt.cli finetune \\
+      --model out/s70 --data stdlib-docs --steps 20 --seqlen 128 --out out/s70-healed      # 2 CPU processes
   sparsegpt finetune --model out/s70 --data notes.txt --steps 200 --lora 16 --out out/s70-lora
 """
 
