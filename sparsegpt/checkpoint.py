@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -30,7 +31,8 @@ KEEP_CHECKPOINTS = 2
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with a manifest) as (step, folder), oldest first."""
+    """Complete checkpoints (those with a manifest) as (step, folder), oldest first, as this process's disk shows
+    them. Decisions made from it belong to the main process (`resume` broadcasts its choice to the others)."""
     found = []
     for d in ckpt_dir.glob("step-*"):
         if (d / "manifest.json").is_file() and d.name[5:].isdigit():
@@ -63,12 +65,26 @@ def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, cfg: FinetuneConfi
 
 def resume(accelerator: Accelerator, ckpt_dir: Path | None, cfg: FinetuneConfig) -> tuple[int, list[float]]:
     """Load the newest complete checkpoint, if any: (steps done, losses so far); (0, []) when there is none.
-    UserError if it was written with another seed, batch layout or process count."""
-    found = list_checkpoints(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else []
-    if not found:
+
+    The main process picks it and reads its manifest; the choice is broadcast, so every rank loads the same step
+    even where their disks disagree. Every rank then loads the folder itself (accelerate saved per-rank files in
+    it), so `ckpt_dir` must be on a filesystem all ranks share: UserError on every rank if one cannot see it, and
+    if it was written with another seed, batch layout or process count. Every rank must call this."""
+    if ckpt_dir is None:
         return 0, []
-    step, path = found[-1]
-    manifest = json.loads((path / "manifest.json").read_text())
+    chosen: list[tuple[int, Path, dict] | None] = [None]
+    if accelerator.is_main_process:
+        found = list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+        if found:
+            step, path = found[-1]
+            chosen[0] = (step, path, json.loads((path / "manifest.json").read_text()))
+    step, path, manifest = broadcast_object_list(chosen)[0] or (0, None, None)
+    if path is None:
+        return 0, []
+    blind = gather_object([] if path.is_dir() else [accelerator.process_index])
+    if blind:
+        raise UserError(f"checkpoint {path} (chosen by the main process) is not visible to process(es) "
+                        f"{', '.join(map(str, blind))}; put the checkpoint dir on a filesystem every process shares")
     expected = {"seed": cfg.seed, "num_processes": accelerator.num_processes,
                 "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum}
     for key, value in expected.items():
