@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from sparsegpt.atomic import atomic_write_text, write_dir_atomically
 from sparsegpt.errors import UserError
 from sparsegpt.failpoints import failpoint
-from sparsegpt.masks import MaskSet, mask_in_param_layout
+from sparsegpt.masks import MaskSet
 
 if TYPE_CHECKING:  # finetune imports this module; the config is only needed for hints here
     from sparsegpt.finetune import FinetuneConfig
@@ -119,9 +119,9 @@ def save_finetuned(accelerator: Accelerator, model: nn.Module, tokenizer: PreTra
 def _write_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, masks: MaskSet, state: dict,
                      out_dir: Path) -> None:
     """Check the mask holds in the weights being saved, then write the folder atomically (temp folder + rename)."""
-    for name, module in masks.modules(model).items():
-        weight = state[f"{name}.weight"]
-        revived = int(torch.count_nonzero(weight[mask_in_param_layout(module, masks.masks[name]).to(weight.device)]))
+    for name, _, mask in masks.iter_param_masks(model):  # per parameter: a fused experts one covers its experts
+        weight = state[name]
+        revived = int(torch.count_nonzero(weight[mask.to(weight.device)]))
         if revived:
             raise UserError(f"{revived} pruned weights of {name} are non-zero in the trained model; not saving it")
 

@@ -48,11 +48,16 @@ def _decoder_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _target_names(model: nn.Module, targets: list[str] | None) -> list[str]:
     """Full names of the modules to adapt: the prunable linears of the decoder layers, or those matching `targets`.
 
-    A target matches a module whose full name equals it or ends with "." + target (peft's rule).
+    A target matches a module whose full name equals it or ends with "." + target (peft's rule). Without targets,
+    fused MoE expert matrices are skipped with a warning (LoRA on fused 3-D experts is not supported).
     """
     candidates = _decoder_modules(model)
     if targets is None:
-        names = list(architectures.prunable_linears(model))
+        found = architectures.prunable_linears(model)
+        names = [name for name, m in found.items() if not isinstance(m, architectures.ExpertLinear)]
+        if len(names) < len(found):
+            log.warning("LoRA skips the %d fused expert matrices (LoRA on fused 3-D MoE experts is not supported); "
+                        "they stay frozen", len(found) - len(names))
     else:
         names = [name for name in candidates if any(name == t or name.endswith("." + t) for t in targets)]
     if not names:

@@ -6,7 +6,8 @@ it twice, with the router's load-balancing loss in the training loss: without ma
 control) and with it. After each run it gathers the fp32 master weights and both Adam moments of every masked
 parameter (the fused expert tensors included) with DeepSpeed's public accessors and counts non-zeros at masked
 and kept positions; it also splits the loss on a fixed batch into cross-entropy and aux loss. Results go to
-OUT_DIR/rank{r}.json; the enforced model is saved to OUT_DIR/model with its mask for the test to reload.
+OUT_DIR/rank{r}.json with the mask bytes the hooks and the enforcer hold (zero_worker.RecordingEnforcer); the
+enforced model is saved to OUT_DIR/model with its mask for the test to reload.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch.nn import functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
+from zero_worker import RecordingEnforcer, mask_sizes
 
+from sparsegpt import finetune as finetune_module
 from sparsegpt.finetune import FinetuneConfig, finetune
 from sparsegpt.masks import MaskSet
 from sparsegpt.sequential import PruneConfig, prune_model
@@ -77,6 +80,7 @@ def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
     model, ids = tiny_mixtral(), toy_ids()
     masks = prune_model(model, ids, PruneConfig(sparsity=0.6, batch_size=8, blocksize=16)).masks
     fixed = ids[:4]
+    sizes = mask_sizes(model, masks)
     before = _loss_parts(model, fixed)["loss"]
     cfg = FinetuneConfig(steps=3, lr=3e-3, micro_batch_size=2, seed=0, weight_decay=0.1, schedule="constant",
                          mask_enforcement=enforcement)
@@ -84,7 +88,8 @@ def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
     engine = accelerator.deepspeed_engine_wrapped.engine
     parts = _loss_parts(engine, fixed)
     report = {"enforcement": enforcement, "losses": result.losses, "fixed_before": before,
-              "fixed_after": parts["loss"], **parts, **_state_report(model, masks)}
+              "fixed_after": parts["loss"], **parts, **_state_report(model, masks),
+              "held_bytes": RecordingEnforcer.last.held, "mask_sizes": sizes}
     if enforcement != "none":
         state = accelerator.get_state_dict(engine)  # collective; full on the main process only
         if accelerator.is_main_process:
@@ -97,6 +102,7 @@ def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
+    finetune_module.MaskEnforcer = RecordingEnforcer  # the trainer builds the recording one
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     out_dir = Path(out)
     runs = [_run(accelerator, enforcement, out_dir) for enforcement in ("none", "full")]

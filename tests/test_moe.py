@@ -1,8 +1,9 @@
 """Mixture-of-experts pruning on tiny offline configs (transformers 5.x fused experts): every expert's matrices get
 their own Hessian from the tokens routed to it (checked against a float64 hand computation), under-calibrated
 experts get the documented pooled top-up, routers and shared experts are left dense unless asked, the per-expert
-stats reach sparsity.json, and a 2-process ZeRO-3 fine-tune (router aux loss included) keeps the expert masks
-exact in the fp32 master weights and Adam moments (tests/moe_zero_worker.py)."""
+stats reach sparsity.json, a single-process fine-tune saved with `save_finetuned` reloads in plain transformers
+with the expert masks exact, LoRA leaves fused experts alone, and a 2-process ZeRO-3 fine-tune (router aux loss
+included) keeps the expert masks exact in the fp32 master weights and Adam moments (tests/moe_zero_worker.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from pydoc_data.topics import topics
 import pytest
 import torch
 import transformers as T
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from test_families import BATCH, MOE_KINDS, calib, tiny_model
 from transformers.activations import ACT2FN
 
 from sparsegpt import cli, sequential
 from sparsegpt.architectures import ExpertLinear, decoder_layers, prunable_linears, weight_as_linear
+from sparsegpt.checkpoint import save_finetuned
+from sparsegpt.enforce import MaskEnforcer
 from sparsegpt.errors import UserError
+from sparsegpt.finetune import FinetuneConfig, finetune
+from sparsegpt.lora import _target_names
 from sparsegpt.masks import MaskSet
 from sparsegpt.models import save_model
 from sparsegpt.sequential import PruneConfig, prune_model
@@ -208,6 +215,41 @@ def test_expert_masks_save_load_apply_verify(tmp_path):
         loaded.verify(fresh)
 
 
+def test_finetune_then_save_finetuned_reloads_with_expert_masks_exact(tmp_path):
+    model, ids = tiny_model("mixtral"), calib()
+    masks = prune_model(model, ids, PruneConfig(sparsity=0.5, batch_size=BATCH)).masks
+    enforcer = MaskEnforcer(model, masks, torch.optim.AdamW(model.parameters()))
+    assert len(enforcer.slots) == len(masks.param_masks(model)) < len(masks.masks)  # one slot per fused parameter
+    accelerator = Accelerator()
+    try:
+        finetune(model, ids, masks, FinetuneConfig(steps=2, lr=1e-3, micro_batch_size=2, seed=0),
+                 accelerator=accelerator)
+        save_finetuned(accelerator, model, None, masks, tmp_path / "model")
+        with torch.no_grad():  # a revived expert weight is refused, named by its fused parameter
+            weight_as_linear(masks.modules(model)["model.layers.1.mlp.experts.down_proj.2"]).add_(1.0)
+        with pytest.raises(UserError, match="^[0-9]+ pruned weights of model.layers.1.mlp.experts.down_proj are "
+                                            "non-zero in the trained model"):
+            save_finetuned(accelerator, model, None, masks, tmp_path / "revived")
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # plain transformers
+    saved = MaskSet.load(tmp_path / "model" / "mask.safetensors")
+    assert saved.masks.keys() == masks.masks.keys() and any(".experts." in n for n in saved.masks)
+    for name, module in saved.modules(reloaded).items():
+        assert torch.equal(weight_as_linear(module) == 0, masks.masks[name]), name  # bit for bit
+    assert not (tmp_path / "revived").exists()
+
+
+def test_lora_without_targets_skips_fused_experts(caplog):
+    model = tiny_model("mixtral")
+    with caplog.at_level("WARNING", logger="sparsegpt.lora"):
+        names = _target_names(model, None)
+    assert names and not any(".experts." in n for n in names)
+    assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in names)
+    assert "LoRA skips the 16 fused expert matrices (LoRA on fused 3-D MoE experts is not supported)" in caplog.text
+
+
 def _launch_zero3(out: Path) -> subprocess.CompletedProcess:
     """`accelerate launch` 2 CPU processes of tests/moe_zero_worker.py under recipes/accelerate/zero3.yaml."""
     with socket.socket() as s:
@@ -232,6 +274,8 @@ def test_zero3_finetune_keeps_fused_expert_masks_exact(tmp_path):
         assert runs[0]["losses"] == runs[1]["losses"]
         run = runs[0]
         assert run["partitioned_expert_params"] == 4  # 2 layers x (gate_up_proj, down_proj), really sharded
+        sizes = run["mask_sizes"]  # this rank's half of the packed bits (+ a byte of rounding per parameter)
+        assert max(run["held_bytes"]) <= sizes["full_bits"] / 2 + sizes["params"]
         assert all(v > 0 for v in run["kept_nonzero"].values())
         if run["enforcement"] == "none":  # negative control: unguarded, pruned expert weights revive
             assert run["masked_nonzero"]["fp32"] > 0 and run["masked_nonzero"]["exp_avg"] > 0
