@@ -1,5 +1,6 @@
 """Compare run dirs, or report on one: a metric by target sparsity after pruning and after fine-tuning, as a
-markdown table, a CSV and a PNG plot, plus the best run at each sparsity.
+markdown table, a CSV and a PNG plot, plus the best run at each sparsity; and the console stage table the
+scheduler prints after each stage (`format_stage_table`).
 
 Which value is better is read from the metric's name: lower for `ppl/*` and when its last "/"-part names a
 perplexity, a loss or an error rate (contains "ppl", "perplexity", "loss", "bits_per_byte", "bpb" or "error"),
@@ -10,11 +11,11 @@ has one, else its pruned one; when a run evaluated the same target twice, the la
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
+from typing import Any
 
 from sparsegpt.errors import UserError
-from sparsegpt.evaluation import format_value, read_metrics, stage_rows
+from sparsegpt.rundir import RunState, read_metrics, read_state
 
 LOWER_IS_BETTER = ("ppl", "perplexity", "loss", "bits_per_byte", "bpb", "error")
 PHASE_LABELS = {"pruned": "after prune", "finetuned": "after fine-tune"}
@@ -120,7 +121,7 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def plot(runs: dict[str, list[dict]], metric: str, path: Path) -> None:
     """metric vs measured sparsity: one colour per run, solid after fine-tuning, dashed after pruning."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg canvas
+    from matplotlib.figure import Figure  # lazy (heavy, optional); no pyplot: no global figure state, Agg canvas
 
     fig = Figure(figsize=(8, 5), dpi=100)
     ax = fig.subplots()
@@ -159,27 +160,17 @@ def write_compare(runs: dict[str, list[dict]], metric: str, out_dir: str | Path)
     return md
 
 
-def read_state(run_dir: str | Path) -> dict | None:
-    """RUN_DIR/state.json if present (phases done and their seconds per stage), else None."""
-    path = Path(run_dir) / "state.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore it or delete it to report without timings") from e
-
-
-def time_table(records: list[dict], state: dict | None) -> tuple[list[str], list[list]]:
+def time_table(records: list[dict], state: RunState | None) -> tuple[list[str], list[list]]:
     """Per stage: each evaluated phase's seconds (metrics.jsonl) and, with state.json, each scheduler phase's."""
     phases = []
-    stages = (state or {}).get("stages", {})
+    stages = state.stages if state is not None else {}
     for entry in stages.values():
-        phases += [p for p in entry.get("seconds", {}) if p not in phases and p != "complete"]
-    header = ["stage", "name", "pruned phase", "finetuned phase"] + [f"state: {p}" for p in phases]
+        phases += [p for p in entry.seconds if p not in phases and p.value != "complete"]
+    header = ["stage", "name", "pruned phase", "finetuned phase"] + [f"state: {p.value}" for p in phases]
     rows = []
     for r in stage_rows(records, None):
-        seconds = stages.get(str(r["stage"]), {}).get("seconds", {})
+        entry = stages.get(r["stage"])
+        seconds = entry.seconds if entry is not None else {}
         rows.append([r["stage"], r["name"], r["seconds"].get("pruned"), r["seconds"].get("finetuned"),
                      *(seconds.get(p) for p in phases)])
     return header, rows
@@ -208,3 +199,58 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, metric:
     write_csv(out / "report.csv", header, rows)
     plot({label: records}, metric, out / "report.png")
     return md
+
+
+def first_ppl_metric(records: list[dict]) -> str | None:
+    """The first `ppl/*` metric key in the records, or None."""
+    return next((k for r in records for k in r.get("metrics", {}) if k.startswith("ppl/")), None)
+
+
+def format_value(value: Any) -> str:
+    """A compact cell: 4 significant digits for numbers, '-' for missing."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def stage_rows(records: list[dict], metric: str | None) -> list[dict]:
+    """One row per stage: stage, name, target, and per phase: `metric`, measured sparsity, seconds."""
+    rows: dict[int, dict] = {}
+    for r in records:
+        row = rows.setdefault(r["stage"], {"stage": r["stage"], "name": r["name"], "target": r["target"],
+                                           "metric": {}, "sparsity": {}, "seconds": {}})
+        row["metric"][r["phase"]] = r["metrics"].get(metric) if metric else None
+        row["sparsity"][r["phase"]] = r["sparsity"]
+        row["seconds"][r["phase"]] = r.get("seconds")
+    return [rows[k] for k in sorted(rows)]
+
+
+def format_stage_table(records: list[dict], metric: str | None = None) -> str:
+    """A console table of a run: stage, name, target, measured sparsity, `metric` (default: the first ppl/*)
+    after pruning and after fine-tuning, seconds of both phases."""
+    metric = metric or first_ppl_metric(records)
+    label = metric or "metric"
+    header = ["stage", "name", "target", "sparsity", f"{label} pruned", f"{label} finetuned", "seconds"]
+    body = []
+    for r in stage_rows(records, metric):
+        sparsity = r["sparsity"].get("finetuned", r["sparsity"].get("pruned"))
+        seconds = [s for s in r["seconds"].values() if s is not None]
+        body.append([str(r["stage"]), str(r["name"]), format_value(r["target"]), f"{sparsity:.4f}",
+                     format_value(r["metric"].get("pruned")), format_value(r["metric"].get("finetuned")),
+                     f"{sum(seconds):.1f}" if seconds else "-"])
+    widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body])
+
+
+def flatten_for_trackers(record: dict) -> dict[str, float]:
+    """Numeric values of a record for accelerate trackers: "<phase>/<metric>", "<phase>/sparsity", ..."""
+    phase = record["phase"]
+    flat = {f"{phase}/sparsity": float(record["sparsity"])}
+    if isinstance(record.get("target"), (int, float)):
+        flat["target"] = float(record["target"])
+    if record.get("seconds") is not None:
+        flat[f"{phase}/seconds"] = float(record["seconds"])
+    for key, value in record["metrics"].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{phase}/{key}"] = float(value)
+    return flat

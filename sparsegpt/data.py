@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import logging
+import pydoc_data.topics
 import sysconfig
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,6 +96,16 @@ def calibration_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, nsamples
         raise UserError(f"{source} train has {len(ids)} tokens; {nsamples} × {seqlen} = {nsamples * seqlen} needed")
     starts = torch.randint(0, len(ids) - seqlen + 1, (nsamples,), generator=generator)
     return ids[starts[:, None] + torch.arange(seqlen)]
+
+
+def check_calibration(source: str, tokenizer: PreTrainedTokenizerBase, *, nsamples: int, seqlen: int) -> None:
+    """UserError now, before any work, where `calibration_ids` would refuse these sizes (tokenizes the text once;
+    c4's document protocol draws until it has enough, so only its sizes are checked)."""
+    _check_positive(nsamples=nsamples, seqlen=seqlen)
+    text = load_text(source, "train")
+    if isinstance(text, str) and len(ids := _tokenize(tokenizer, text)) < nsamples * seqlen:
+        raise UserError(f"{source} train has {len(ids)} tokens; {nsamples} × {seqlen} = {nsamples * seqlen} needed "
+                        "for calibration; lower nsamples or seqlen")
 
 
 def eval_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, seqlen: int, split: str = "test",
@@ -230,8 +241,6 @@ def _file_docs(path: Path) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _stdlib_docs() -> tuple[str, ...]:
     """The stdlib-docs corpus: pydoc topics + docstrings in STDLIB_MODULES' sources, deduplicated, in name order."""
-    import pydoc_data.topics
-
     named = {}  # text -> first name it was found under
     for topic in sorted(pydoc_data.topics.topics):
         _add_doc(named, inspect.cleandoc(pydoc_data.topics.topics[topic]), f"pydoc-topic:{topic}")

@@ -1,5 +1,5 @@
 """Evaluation: perplexity (SparseGPT protocol), sparsity report, greedy samples, lm-eval tasks, and the
-hooks a recipe lists to run them after each phase; plus the run dir's `metrics.jsonl` reader/writer.
+hooks a recipe lists to run them after each phase.
 
 A hook is a dict with a `type` and its options:
 
@@ -12,59 +12,41 @@ A hook is a dict with a `type` and its options:
     {"type": "custom", "path": "package.module:function", "args": {...}, "name": "mine"} -> "<name>/<key>"
 
 A custom hook is called as `fn(model, tokenizer, *, context: HookContext, **args)` and returns
-`dict[str, float | str | list]`; its name defaults to the function's name.
+`dict[str, float | str | list]`; its name defaults to the function's name. The hook types, their options and
+runners are registered in `sparsegpt/hooks.py`; the runners (`run_<type>_hook`) are at the end of this module.
 
-Interface: `validate_hooks(hooks)` (recipe validation, before any work), `run_hooks(model, tokenizer, hooks,
-context, *, fail_fast=False) -> (metrics, errors)`, `perplexity`, `sparsity_report`, `generate_samples`,
-`lm_eval_tasks` (each with `device=None`: run where the model is, else move it there; layerwise perplexity
-moves one layer at a time), `append_metrics` / `read_metrics`, `format_stage_table`, `flatten_for_trackers`.
+Interface: `run_hooks(model, tokenizer, hooks, context, *, fail_fast=False) -> (metrics, errors)`, `perplexity`,
+`sparsity_report`, `generate_samples`, `lm_eval_tasks` (each with `device=None`: run where the model is, else
+move it there; layerwise perplexity moves one layer at a time).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsegpt.architectures import decoder_layers, prunable_linears, weight_as_linear
+from sparsegpt.data import default_seqlen, eval_ids
 from sparsegpt.errors import UserError
+from sparsegpt.hooks import HookContext, hook_name, require_lm_eval, resolve_callable, runner, validate_hooks
+from sparsegpt.sequential import layerwise_hidden_states
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from sparsegpt.masks import MaskSet
 
 logger = logging.getLogger(__name__)
 
 NM_PATTERNS = ((2, 4), (4, 8))
-PHASES = ("pruned", "finetuned")
-RECORD_KEYS = ("stage", "name", "phase", "target", "sparsity", "metrics")
-HOOK_OPTIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {  # type -> (required, optional) keys
-    "perplexity": (frozenset({"source"}), frozenset({"seqlen", "max_windows", "layerwise", "batch_size", "split"})),
-    "lm_eval": (frozenset({"tasks"}), frozenset({"num_fewshot", "limit", "include_path", "batch_size"})),
-    "sparsity": (frozenset(), frozenset()),
-    "samples": (frozenset({"prompts"}), frozenset({"max_new_tokens"})),
-    "custom": (frozenset({"path"}), frozenset({"args", "name"})),
-}
-
-
-@dataclass
-class HookContext:
-    """What a hook may want to know about the evaluation it runs in."""
-
-    stage: int = 0
-    name: str = ""
-    phase: str = ""
-    target: Any = None
-    run_dir: str | None = None
-    device: str | None = None
-    masks: Any = None  # sparsegpt.masks.MaskSet | None
 
 
 # -- perplexity ---------------------------------------------------------------------------------------------
@@ -100,8 +82,6 @@ def _logits_batches(model, input_ids, batch_size, device, layerwise) -> Iterator
         for ids in input_ids.split(batch_size):
             yield ids, model(ids.to(dev), use_cache=False).logits
         return
-    from sparsegpt.sequential import layerwise_hidden_states
-
     dev = torch.device(device) if device is not None else _model_device(model)
     hidden = layerwise_hidden_states(model, input_ids, device=dev, batch_size=batch_size)
     head = model.get_output_embeddings()
@@ -149,21 +129,17 @@ def _nm_groups(pruned: torch.Tensor, n: int, m: int) -> tuple[int, int]:
 
 def _layer_of(model: nn.Module) -> Callable[[str], str | None]:
     """Maps a module name to its decoder layer index (as a string), or None outside the decoder layers."""
-    from sparsegpt.architectures import decoder_layers
-
     layers = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers) + "."
     return lambda name: name[len(prefix):].split(".")[0] if name.startswith(prefix) else None
 
 
-def sparsity_report(model: nn.Module, masks=None) -> dict:
+def sparsity_report(model: nn.Module, masks: MaskSet | None = None) -> dict:
     """Per-linear, per-layer and overall sparsity of the prunable linears, N:M compliance, parameter counts.
 
     With `masks` (a MaskSet) the report covers its linears and counts its pruned entries, after checking that
     every masked weight is zero; without, it counts exact zeros in `architectures.prunable_linears(model)`.
     """
-    from sparsegpt.architectures import prunable_linears, weight_as_linear
-
     if masks is not None:
         masks.verify(model)
         modules = dict(model.named_modules())
@@ -227,16 +203,11 @@ def generate_samples(model: nn.Module, tokenizer, prompts: list[str], *, max_new
     return samples
 
 
-def _require_lm_eval() -> None:
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UserError("lm-eval tasks need the lm-eval package: pip install 'sparsegpt[eval]'")
-
-
 def lm_eval_tasks(model: nn.Module, tokenizer, tasks: list[str], *, num_fewshot: int = 0,
                   limit: int | float | None = None, include_path: str | None = None, batch_size: int = 1,
                   device: str | torch.device | None = None) -> dict[str, dict[str, float]]:
     """Run lm-eval tasks on the in-memory model: {task: {metric: value}}; ",none" filter suffixes dropped."""
-    _require_lm_eval()
+    require_lm_eval()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -265,72 +236,8 @@ def lm_eval_tasks(model: nn.Module, tokenizer, tasks: list[str], *, num_fewshot:
 
 # -- hooks --------------------------------------------------------------------------------------------------
 
-def _resolve_callable(path: str) -> Callable:
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"custom hook path {path!r} must look like 'package.module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"custom hook {path!r}: cannot import module {module_name!r} ({e}); "
-                        "make it importable (installed or on PYTHONPATH)") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"custom hook {path!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UserError(f"custom hook {path!r} is not callable; point it at a function")
-    return obj
-
-
-def _source_label(source: str) -> str:
-    return Path(source).stem if source.endswith((".txt", ".jsonl")) or os.sep in source else source
-
-
-def hook_name(hook: dict) -> str:
-    """The hook's label in `errors` and the prefix of its metric keys."""
-    kind = hook["type"]
-    if kind == "perplexity":
-        return f"ppl/{_source_label(str(hook['source']))}"
-    if kind == "lm_eval":
-        return "lm_eval/" + "+".join(hook["tasks"])
-    if kind == "custom":
-        return hook.get("name") or hook["path"].rpartition(":")[2].rpartition(".")[2]
-    return kind
-
-
-def validate_hooks(hooks: list[dict]) -> None:
-    """Check hook configs before any work starts: known types and keys, importable custom hooks, lm-eval present."""
-    seen = set()
-    for i, hook in enumerate(hooks):
-        if not isinstance(hook, dict) or hook.get("type") not in HOOK_OPTIONS:
-            got = hook.get("type") if isinstance(hook, dict) else type(hook).__name__
-            raise UserError(f"eval hook #{i}: type {got!r} is unknown; use one of {', '.join(HOOK_OPTIONS)}")
-        required, optional = HOOK_OPTIONS[hook["type"]]
-        keys = set(hook) - {"type"}
-        if required - keys or keys - required - optional:
-            raise UserError(f"eval hook #{i} ({hook['type']}): keys {sorted(keys)} are wrong; required "
-                            f"{sorted(required)}, optional {sorted(optional)}")
-        for key in ("tasks", "prompts"):
-            value = hook.get(key)
-            if key in hook and not (value and isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise UserError(f"eval hook #{i} ({hook['type']}): {key} must be a non-empty list of strings")
-        if hook["type"] == "lm_eval":
-            _require_lm_eval()
-        if hook["type"] == "custom":
-            _resolve_callable(hook["path"])
-            if not isinstance(hook.get("args", {}), dict):
-                raise UserError(f"eval hook #{i} (custom): args must be a mapping of keyword arguments")
-        name = hook_name(hook)
-        if name in seen:
-            raise UserError(f"eval hook #{i}: a second hook named {name!r}; give custom hooks distinct 'name's "
-                            "and list each source/task once")
-        seen.add(name)
-
-
-def _run_perplexity(model, tokenizer, hook: dict, ctx: HookContext) -> dict:
-    from sparsegpt.data import default_seqlen, eval_ids
-
+def run_perplexity_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: dict, ctx: HookContext) -> dict:
+    """`perplexity` hook: "ppl/<source>" on the source's evaluation windows."""
     ids = eval_ids(hook["source"], tokenizer, seqlen=hook.get("seqlen") or default_seqlen(model),
                    split=hook.get("split", "test"), max_windows=hook.get("max_windows"))
     value = perplexity(model, ids, batch_size=hook.get("batch_size", 4), device=ctx.device,
@@ -338,33 +245,33 @@ def _run_perplexity(model, tokenizer, hook: dict, ctx: HookContext) -> dict:
     return {hook_name(hook): value}
 
 
-def _run_lm_eval(model, tokenizer, hook: dict, ctx: HookContext) -> dict:
+def run_lm_eval_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: dict, ctx: HookContext) -> dict:
+    """`lm_eval` hook: "lm_eval/<task>/<metric>" for each task."""
     results = lm_eval_tasks(model, tokenizer, hook["tasks"], num_fewshot=hook.get("num_fewshot", 0),
                             limit=hook.get("limit"), include_path=hook.get("include_path"),
                             batch_size=hook.get("batch_size", 1), device=ctx.device)
     return {f"lm_eval/{task}/{metric}": v for task, values in results.items() for metric, v in values.items()}
 
 
-def _run_sparsity(model, tokenizer, hook: dict, ctx: HookContext) -> dict:
+def run_sparsity_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: dict, ctx: HookContext) -> dict:
+    """`sparsity` hook: overall and N:M sparsity of the masked linears, parameter counts."""
     report = sparsity_report(model, ctx.masks)
     keys = ("overall", *(f"{n}:{m}" for n, m in NM_PATTERNS), "params_total", "params_nonzero")
     return {f"sparsity/{k}": report[k] for k in keys if report[k] is not None}
 
 
-def _run_samples(model, tokenizer, hook: dict, ctx: HookContext) -> dict:
+def run_samples_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: dict, ctx: HookContext) -> dict:
+    """`samples` hook: greedy continuations of the prompts."""
     return {"samples": generate_samples(model, tokenizer, hook["prompts"],
                                         max_new_tokens=hook.get("max_new_tokens", 32), device=ctx.device)}
 
 
-def _run_custom(model, tokenizer, hook: dict, ctx: HookContext) -> dict:
-    out = _resolve_callable(hook["path"])(model, tokenizer, context=ctx, **hook.get("args", {}))
+def run_custom_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: dict, ctx: HookContext) -> dict:
+    """`custom` hook: the user's function, its keys prefixed with the hook's name."""
+    out = resolve_callable(hook["path"])(model, tokenizer, context=ctx, **hook.get("args", {}))
     if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
         raise TypeError(f"custom hook {hook['path']} returned {type(out).__name__}; expected dict[str, value]")
     return {f"{hook_name(hook)}/{k}": v for k, v in out.items()}
-
-
-_RUNNERS = {"perplexity": _run_perplexity, "lm_eval": _run_lm_eval, "sparsity": _run_sparsity,
-            "samples": _run_samples, "custom": _run_custom}
 
 
 def run_hooks(model: nn.Module, tokenizer, hooks: list[dict], context: HookContext, *,
@@ -376,7 +283,7 @@ def run_hooks(model: nn.Module, tokenizer, hooks: list[dict], context: HookConte
         name = hook_name(hook)
         t0 = time.time()
         try:
-            metrics.update(_RUNNERS[hook["type"]](model, tokenizer, hook, context))
+            metrics.update(runner(hook)(model, tokenizer, hook, context))
         except Exception as e:  # a hook's failure must not cost the run; it is recorded in metrics.jsonl
             if fail_fast:
                 raise
@@ -384,98 +291,3 @@ def run_hooks(model: nn.Module, tokenizer, hooks: list[dict], context: HookConte
             errors[name] = f"{type(e).__name__}: {e}"
         logger.info("eval hook %s: %.1fs", name, time.time() - t0)
     return metrics, errors
-
-
-# -- metrics.jsonl ------------------------------------------------------------------------------------------
-
-def append_metrics(run_dir: str | Path, record: dict) -> None:
-    """Append one evaluation record to RUN_DIR/metrics.jsonl as one line, in one write, flushed and fsynced."""
-    missing = [k for k in RECORD_KEYS if k not in record]
-    if missing or record["phase"] not in PHASES:
-        raise ValueError(f"metrics record needs {RECORD_KEYS} with phase in {PHASES}; missing {missing}, "
-                         f"phase {record.get('phase')!r}")
-    line = json.dumps({"time": time.time(), **record}) + "\n"
-    with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl; a torn last line (a crash mid-append) is skipped with a warning."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl; pass a run directory written by train/progressive.py")
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) and not text.endswith("\n"):
-                logger.warning("%s: skipping the torn last line %d", path, i)
-                continue
-            raise UserError(f"{path} line {i} is not JSON ({e}); fix or remove that line") from e
-    if not records:
-        raise UserError(f"{path} is empty: run dir {run_dir} has no evaluations yet")
-    return records
-
-
-# -- presentation -------------------------------------------------------------------------------------------
-
-def first_ppl_metric(records: list[dict]) -> str | None:
-    """The first `ppl/*` metric key in the records, or None."""
-    return next((k for r in records for k in r.get("metrics", {}) if k.startswith("ppl/")), None)
-
-
-def format_value(value: Any) -> str:
-    """A compact cell: 4 significant digits for numbers, '-' for missing."""
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
-
-
-def stage_rows(records: list[dict], metric: str | None) -> list[dict]:
-    """One row per stage: stage, name, target, and per phase: `metric`, measured sparsity, seconds."""
-    rows: dict[int, dict] = {}
-    for r in records:
-        row = rows.setdefault(r["stage"], {"stage": r["stage"], "name": r["name"], "target": r["target"],
-                                           "metric": {}, "sparsity": {}, "seconds": {}})
-        row["metric"][r["phase"]] = r["metrics"].get(metric) if metric else None
-        row["sparsity"][r["phase"]] = r["sparsity"]
-        row["seconds"][r["phase"]] = r.get("seconds")
-    return [rows[k] for k in sorted(rows)]
-
-
-def format_stage_table(records: list[dict], metric: str | None = None) -> str:
-    """A console table of a run: stage, name, target, measured sparsity, `metric` (default: the first ppl/*)
-    after pruning and after fine-tuning, seconds of both phases."""
-    metric = metric or first_ppl_metric(records)
-    label = metric or "metric"
-    header = ["stage", "name", "target", "sparsity", f"{label} pruned", f"{label} finetuned", "seconds"]
-    body = []
-    for r in stage_rows(records, metric):
-        sparsity = r["sparsity"].get("finetuned", r["sparsity"].get("pruned"))
-        seconds = [s for s in r["seconds"].values() if s is not None]
-        body.append([str(r["stage"]), str(r["name"]), format_value(r["target"]), f"{sparsity:.4f}",
-                     format_value(r["metric"].get("pruned")), format_value(r["metric"].get("finetuned")),
-                     f"{sum(seconds):.1f}" if seconds else "-"])
-    widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body])
-
-
-def flatten_for_trackers(record: dict) -> dict[str, float]:
-    """Numeric values of a record for accelerate trackers: "<phase>/<metric>", "<phase>/sparsity", ..."""
-    phase = record["phase"]
-    flat = {f"{phase}/sparsity": float(record["sparsity"])}
-    if isinstance(record.get("target"), (int, float)):
-        flat["target"] = float(record["target"])
-    if record.get("seconds") is not None:
-        flat[f"{phase}/seconds"] = float(record["seconds"])
-    for key, value in record["metrics"].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{phase}/{key}"] = float(value)
-    return flat

@@ -22,8 +22,12 @@ import re
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from sparsegpt.architectures import decoder_layers, family_of, prunable_linears, weight_as_linear
+from sparsegpt.data import default_seqlen
 from sparsegpt.errors import UserError
+from sparsegpt.models import resolve_model_path
 from sparsegpt.recipe import Recipe, ResolvedStage
 
 GIB = 2**30
@@ -48,11 +52,6 @@ class _Facts:
 
 
 def _facts(config, dtype: str) -> _Facts:
-    from transformers import AutoModelForCausalLM
-
-    from sparsegpt.architectures import decoder_layers, family_of, prunable_linears, weight_as_linear
-    from sparsegpt.data import default_seqlen
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     family = family_of(model)
@@ -126,7 +125,7 @@ def _finetune_step(facts: _Facts, stage: ResolvedStage, recipe: Recipe, world_si
                  "optimizer": 8 * Pt / shards, "master": 4 * Pt / shards}
     parts["gathered"] = 2 * facts.layer_params * compute if d.zero_stage == 3 else 0
     parts["masks"] = sum(i * o for _, i, o in _selected(facts, stage.prune.include, stage.prune.exclude).values()
-                         ) / weight_shards if stage.density_target > 0 else 0
+                         ) / weight_shards if stage.pruned_fraction > 0 else 0
     s, mb, h = f.seqlen or facts.default_seqlen, d.micro_batch_size, facts.hidden
     full_layer = 34 * s * mb * h * compute / 2
     parts["activations"] = (facts.layers * s * mb * h * compute + full_layer if f.gradient_checkpointing
@@ -211,10 +210,6 @@ def format_plan(recipe: Recipe, estimates: dict) -> str:
 
 def plan_for(recipe: Recipe, world_size: int = 1) -> str:
     """`format_plan` for the recipe's model, whose config (not weights) is read from its folder or the hub."""
-    from transformers import AutoConfig
-
-    from sparsegpt.models import resolve_model_path
-
     path = resolve_model_path(recipe.model)
     try:
         config = AutoConfig.from_pretrained(path)

@@ -7,23 +7,25 @@ so every later step works on an ordinary model. Folders are always written atomi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sparsegpt.atomic import atomic_file, atomic_write_text, write_dir_atomically
 from sparsegpt.errors import UserError
-from sparsegpt.failpoints import failpoint
+
+# isort: split
+# load_model delegates compact folders to compact, which imports masks, which still imports atomic_file from
+# here: bind the names above first, and import compact as a module (it reads models.DTYPES at call time)
+from sparsegpt import compact
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -83,15 +85,16 @@ def _locate(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: str | torch.device = "cpu",
                trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) from safetensors, in eval mode with use_cache off; the tokenizer pads with eos if unset."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
     path = resolve_model_path(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, "auto"), use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if compact.is_compact(path):  # a `sparsegpt export` folder: decoded to the dense model it was made from
+            model, tokenizer = compact.load_compact(path, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, "auto"),
+                                                         use_safetensors=True, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         if Path(path).is_dir():
             raise UserError(f"cannot load the model in {path} ({_first_line(e)}); "
@@ -117,7 +120,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     for name in extra_files:
         if not name or Path(name).is_absolute() or ".." in Path(name).parts:
             raise UserError(f"extra file name {name!r} must be a relative path inside the model folder")
-    _write_atomically(out_dir, functools.partial(_save_into, model=model, tokenizer=tokenizer,
+    write_dir_atomically(out_dir, functools.partial(_save_into, model=model, tokenizer=tokenizer,
                                                  extra_files=extra_files), replace=True)
 
 
@@ -148,15 +151,13 @@ def _converted_gguf(gguf: Path) -> Path:
         return out_dir
     logger.info("converting %s to a Hugging Face folder at %s (once)", gguf, out_dir)
     model, tokenizer = _dequantized_gguf(gguf)
-    _write_atomically(out_dir, functools.partial(_save_into, model=model, tokenizer=tokenizer, extra_files={}),
+    write_dir_atomically(out_dir, functools.partial(_save_into, model=model, tokenizer=tokenizer, extra_files={}),
                       replace=False)
     return out_dir
 
 
 def _dequantized_gguf(gguf: Path):
     """(model, tokenizer) from a GGUF file, rebuilt as a plain float32 model without quantization config."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -172,52 +173,6 @@ def _dequantized_gguf(gguf: Path):
     return model.eval(), tokenizer
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; when the block completes it is fsynced and renamed onto `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a torn one."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
-
-
-def _write_atomically(out_dir: Path, write: Callable[[Path], None], *, replace: bool) -> None:
-    """Run write(tmp) on a fresh folder next to out_dir, then rename it to out_dir.
-
-    An existing out_dir is swapped out only after the new folder is complete (replace=True), or kept as
-    it is (replace=False: another process finished the same work first).
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        failpoint("save/before-rename")
-        if replace and out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old)  # renaming a folder onto an empty one is allowed
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old)
-        else:
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                if replace or not out_dir.is_dir():
-                    raise
-                logger.info("%s was written by another process meanwhile; using it", out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+# re-exported until callers import them from sparsegpt.atomic
+_write_atomically = write_dir_atomically
+__all_atomic__ = (atomic_file, atomic_write_text)

@@ -23,21 +23,42 @@ YAML is read with the YAML 1.2 rules for plain scalars: `2:4` is a string (not b
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sparsegpt.errors import UserError
+from sparsegpt.hooks import validate_hooks
+from sparsegpt.settings import (
+    DataSettings,
+    Defaults,
+    DistributedSettings,
+    EvalSettings,
+    FinetuneSettings,
+    KDSettings,
+    LoraSection,
+    Name,
+    PruneSettings,
+    ResolvedStage,
+    Schedule,
+    Stage,
+    _nm,
+    _pruned_fraction,
+    _Strict,
+)
 
-HOOK_TYPES = {"perplexity": (), "lm_eval": ("tasks",), "sparsity": (), "samples": ("prompts",), "custom": ("path",)}
-PHASES = ("pruned", "finetuned")
+__all__ = ["DataSettings", "Defaults", "DistributedSettings", "EvalSettings", "FinetuneSettings", "KDSettings",
+           "LoraSection", "PruneSettings", "Recipe", "ResolvedStage", "Schedule", "Stage", "load_recipe",
+           "to_dataclass"]
+
+NOT_FINGERPRINTED = ("checkpoint_every", "log_every")  # finetune settings that change no result
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------- YAML
@@ -71,317 +92,6 @@ _RecipeLoader.add_implicit_resolver(
     re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
-
-
-# ------------------------------------------------------------------------------------------ field types
-def _target(value: Any) -> float | str:
-    """A sparsity in [0, 1) as float, or a canonical "N:M" string with 0 < N < M."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not 0 <= value < 1:
-            raise ValueError(f"{value} is not a sparsity in [0, 1); use e.g. 0.5, or an N:M pattern like '2:4'")
-        return float(value)
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value) if isinstance(value, str) else None
-    if match is None:
-        raise ValueError(f"{value!r} is neither a sparsity in [0, 1) (e.g. 0.5) nor an N:M pattern (e.g. '2:4')")
-    n, m = int(match[1]), int(match[2])
-    if not 0 < n < m:
-        raise ValueError(f"{value!r} is not a valid N:M pattern: it needs 0 < N < M, e.g. '2:4' or '4:8'")
-    return f"{n}:{m}"
-
-
-def _name(value: Any) -> Any:
-    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
-        raise ValueError(f"{value!r} is not a valid name: use letters, digits, '.', '_', '-' (it names directories)")
-    return value
-
-
-def _no_finetune(value: Any) -> Any:
-    """`finetune: false` is shorthand for `finetune: {steps: 0}` (one-shot only)."""
-    if value is False:
-        return {"steps": 0}
-    if value is True:
-        raise ValueError("finetune: true is not a setting; give a mapping (e.g. {steps: 100}) or false for one-shot")
-    return value
-
-
-Target = Annotated[float | str, BeforeValidator(_target)]
-Name = Annotated[str, BeforeValidator(_name)]
-
-
-def _nm(target: float | str) -> tuple[int, int]:
-    n, m = target.split(":") if isinstance(target, str) else (0, 0)
-    return int(n), int(m)
-
-
-def _density(target: float | str) -> float:
-    """The fraction of weights a target prunes (N/M for N:M)."""
-    n, m = _nm(target)
-    return n / m if m else float(target)
-
-
-class _Strict(BaseModel):
-    """Base of every recipe section: unknown keys are errors that list the allowed ones."""
-
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            allowed = [field.alias or name for name, field in cls.model_fields.items()]
-            for key in data:
-                if key not in allowed and key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), allowed, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ValueError(f"unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
-        return data
-
-
-# ------------------------------------------------------------------------------------------- sections
-class PruneSettings(_Strict):
-    """How one stage prunes (names match `sequential.PruneConfig`; nsamples/seqlen size the calibration set)."""
-
-    method: Literal["sparsegpt", "wanda", "magnitude"] = "sparsegpt"
-    allocation: Literal["uniform", "owl"] = "uniform"
-    owl_lambda: float = Field(0.08, ge=0, lt=1)
-    owl_m: float = Field(5.0, gt=0)
-    nsamples: int = Field(128, ge=1)
-    seqlen: int | None = Field(None, ge=1)  # None = the model's default (max positions, capped at 2048)
-    blocksize: int = Field(128, ge=1)
-    percdamp: float = Field(0.01, gt=0)
-    include: str | None = None
-    exclude: str | None = None
-    batch_size: int = Field(8, ge=1)
-    offload_activations: bool = False
-    prune_router: bool = False  # MoE routers (gates) stay dense unless asked
-    prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
-    min_expert_tokens: int | None = Field(None, ge=0)  # fewer routed tokens: pooled Hessian mixed in (None: width)
-
-    @field_validator("include", "exclude")
-    @classmethod
-    def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ValueError(f"{value!r} is not a valid regular expression ({e}); e.g. 'mlp\\.' or 'q_proj|k_proj'")
-        return value
-
-
-class KDSettings(_Strict):
-    """Knowledge distillation from a teacher: "dense" (the original model), "previous" (last stage) or a path."""
-
-    teacher: str = Field("dense", min_length=1)
-    logit_weight: float = Field(1.0, ge=0)
-    hidden_weight: float = Field(0.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> KDSettings:
-        if self.logit_weight == 0 and self.hidden_weight == 0:
-            raise ValueError("logit_weight and hidden_weight are both 0; make one > 0 or remove kd")
-        return self
-
-
-class LoraSettings(_Strict):
-    """LoRA adapters (merged back into the sparse weights after training); targets None = every pruned linear."""
-
-    r: int = Field(ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[str] | None = None
-
-
-class FinetuneSettings(_Strict):
-    """Mask-preserving fine-tuning of one stage: `steps` or `tokens` (0 = none), optimiser, KD, LoRA."""
-
-    EXCLUSIVE: ClassVar = (("steps", "tokens"), ("warmup_steps", "warmup_ratio"))
-
-    steps: int | None = Field(None, ge=0)
-    tokens: int | None = Field(None, ge=0)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int | None = Field(None, ge=0)
-    warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seqlen: int | None = Field(None, ge=1)  # None = the model's default
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(0, ge=0)
-    kd: KDSettings | None = None
-    lora: LoraSettings | None = None
-
-    @model_validator(mode="after")
-    def _exclusive(self) -> FinetuneSettings:
-        for a, b in self.EXCLUSIVE:
-            if getattr(self, a) is not None and getattr(self, b) is not None:
-                raise ValueError(f"give {a} or {b}, not both")
-        return self
-
-    def num_steps(self, world_size: int, *, micro_batch_size: int, grad_accum: int,
-                  seqlen: int | None = None) -> int:
-        """Optimizer steps: `steps`, or ceil(tokens / (seqlen × micro batch × grad accum × world size))."""
-        if self.steps is not None:
-            return self.steps
-        if self.tokens is None:
-            raise UserError("finetune: neither steps nor tokens is set; set one of them (0 = no fine-tuning)")
-        seq = self.seqlen or seqlen
-        if seq is None:
-            raise UserError("finetune.tokens needs a sequence length to become steps: set finetune.seqlen")
-        if world_size < 1:
-            raise UserError(f"world_size must be >= 1, got {world_size}")
-        return math.ceil(self.tokens / (seq * micro_batch_size * grad_accum * world_size))
-
-    def to_config(self, *, seed: int, micro_batch_size: int, grad_accum: int, world_size: int,
-                  seqlen: int | None = None):
-        """The trainer's `finetune.FinetuneConfig` for this stage (tokens and warmup_ratio become steps)."""
-        from sparsegpt.finetune import FinetuneConfig
-
-        steps = self.num_steps(world_size, micro_batch_size=micro_batch_size, grad_accum=grad_accum, seqlen=seqlen)
-        warmup = self.warmup_steps if self.warmup_ratio is None else round(self.warmup_ratio * steps)
-        kd, lora = self.kd, self.lora
-        return FinetuneConfig(
-            steps=steps, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=warmup or 0,
-            schedule=self.schedule, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-            max_grad_norm=self.max_grad_norm, seed=seed, gradient_checkpointing=self.gradient_checkpointing,
-            kd_logit_weight=kd.logit_weight if kd else 0.0, kd_hidden_weight=kd.hidden_weight if kd else 0.0,
-            kd_temperature=kd.temperature if kd else 1.0, lora_r=lora.r if lora else 0,
-            lora_alpha=lora.alpha if lora else 16, lora_dropout=lora.dropout if lora else 0.0,
-            lora_targets=lora.targets if lora else None,
-            checkpoint_every=self.checkpoint_every)
-
-
-class EvalSettings(_Strict):
-    """Evaluation hooks run after pruning and after fine-tuning (`phases`); None = the defaults from data.eval."""
-
-    hooks: list[dict[str, Any]] | None = None
-    fail_on_error: bool = False
-    phases: list[Literal["pruned", "finetuned"]] = list(PHASES)
-
-    @field_validator("hooks")
-    @classmethod
-    def _hooks(cls, hooks: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        for j, hook in enumerate(hooks or []):
-            kind = hook.get("type")
-            if kind not in HOOK_TYPES:
-                raise ValueError(f"hook {j} has type {kind!r}; valid types: {', '.join(HOOK_TYPES)}")
-            missing = [key for key in HOOK_TYPES[kind] if key not in hook]
-            if missing:
-                raise ValueError(f"hook {j} ({kind}) needs {', '.join(missing)}")
-            if kind == "custom" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", str(hook["path"])):
-                raise ValueError(f"hook {j} (custom): path {hook['path']!r} is not 'package.module:function'")
-        return hooks
-
-
-class DataSettings(_Strict):
-    """Text sources (see data.load_text): calibration, fine-tuning (default: calibration), eval (default: [calibration])."""
-
-    calibration: str = Field(min_length=1)
-    finetune: str | None = Field(None, min_length=1)
-    eval: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
-
-    @model_validator(mode="after")
-    def _defaults(self) -> DataSettings:
-        self.finetune = self.finetune or self.calibration
-        self.eval = self.eval or [self.calibration]
-        return self
-
-
-class DistributedSettings(_Strict):
-    """ZeRO stage (0 = single process / plain DDP), CPU offload, batch geometry, mixed precision."""
-
-    zero_stage: Literal[0, 2, 3] = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    micro_batch_size: int = Field(1, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-
-    @model_validator(mode="after")
-    def _offload(self) -> DistributedSettings:
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage 2 or 3 (got 0)")
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"offload_params needs zero_stage 3 (got {self.zero_stage})")
-        return self
-
-
-class Defaults(_Strict):
-    """Settings every stage starts from."""
-
-    prune: PruneSettings = Field(default_factory=PruneSettings)
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
-
-    _finetune_false = field_validator("finetune", mode="before")(_no_finetune)
-
-
-class Stage(_Strict):
-    """One stage as written: a target plus optional overrides of the defaults."""
-
-    name: Name
-    target: Target
-    prune: PruneSettings | None = None
-    finetune: FinetuneSettings | None = None
-    eval: EvalSettings | None = None
-
-    _finetune_false = field_validator("finetune", mode="before")(_no_finetune)
-
-
-class Schedule(_Strict):
-    """Shorthand for `stages`: `stages` targets from `from` to `to`, linear or cubic (Zhu & Gupta 2017)."""
-
-    from_: float = Field(alias="from", ge=0, lt=1)
-    to: float = Field(ge=0, lt=1)
-    stages: int = Field(ge=2)
-    curve: Literal["linear", "cubic"] = "linear"
-    name_prefix: str = "s"
-
-    @model_validator(mode="after")
-    def _increasing(self) -> Schedule:
-        if self.to <= self.from_:
-            raise ValueError(f"to {self.to} must be above from {self.from_}")
-        targets = self.targets()
-        if len(set(targets)) != len(targets):
-            raise ValueError(f"from {self.from_} and to {self.to} are too close for {self.stages} distinct "
-                             f"4-decimal targets ({targets}); use fewer stages")
-        return self
-
-    def targets(self) -> list[float]:
-        """Targets rounded to 4 decimals; cubic: s_t = to + (from - to)(1 - t/n)^3; first/last exactly from/to."""
-        n = self.stages - 1
-        if self.curve == "linear":
-            values = [self.from_ + (self.to - self.from_) * t / n for t in range(self.stages)]
-        else:
-            values = [self.to + (self.from_ - self.to) * (1 - t / n) ** 3 for t in range(self.stages)]
-        values = [round(v, 4) for v in values]
-        values[0], values[-1] = self.from_, self.to
-        return values
-
-    def expand(self) -> list[Stage]:
-        """The stages this schedule stands for, named prefix + percent (e.g. s50, s71.11)."""
-        return [Stage(name=f"{self.name_prefix}{round(t * 100, 2):g}", target=t) for t in self.targets()]
-
-
-class ResolvedStage(BaseModel):
-    """A stage with fully merged settings; finetune None = one-shot only; N:M stages have sparsity 0."""
-
-    model_config = ConfigDict(frozen=True)
-
-    index: int
-    name: str
-    target: float | str
-    sparsity: float
-    prune_n: int
-    prune_m: int
-    prune: PruneSettings
-    finetune: FinetuneSettings | None
-    eval: EvalSettings
-
-    @property
-    def density_target(self) -> float:
-        """The fraction of weights this stage prunes (N/M for N:M)."""
-        return _density(self.target)
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -440,8 +150,8 @@ class Recipe(_Strict):
             if m1 and m0 and (m1 % m0 or n1 * m0 < n0 * m1):
                 raise ValueError(f"{here}: {cur!r} cannot follow {before} {prev!r}: a {prev} mask fits only N:M "
                                  f"patterns whose M is a multiple of {m0} and whose N/M is at least {n0}/{m0}")
-            if not m1 and cur < _density(prev):
-                what = f"{before} {prev}" if not m0 else f"the {prev} sparsity {_density(prev):g} of {before}"
+            if not m1 and cur < _pruned_fraction(prev):
+                what = f"{before} {prev}" if not m0 else f"the {prev} sparsity {_pruned_fraction(prev):g} of {before}"
                 raise ValueError(f"{here}: {cur} is below {what}: targets never decrease")
 
     def _check_distributed(self, resolved: list[ResolvedStage]) -> None:
@@ -475,7 +185,8 @@ class Recipe(_Strict):
                              f"{stage.target}; use allocation uniform")
         if prune.allocation == "owl" and sparsity > 0 and sparsity + prune.owl_lambda >= 1:
             raise ValueError(f"{where}.prune.owl_lambda: {prune.owl_lambda} lets layers reach "
-                             f"{sparsity + prune.owl_lambda:g} >= 1 at target {sparsity}; use owl_lambda < {1 - sparsity:g}")
+                             f"{sparsity + prune.owl_lambda:g} >= 1 at target {sparsity}; "
+                             f"use owl_lambda < {1 - sparsity:g}")
         hooks = self._expand_hooks(evaluation.hooks, f"{where}.eval.hooks")
         return ResolvedStage(
             index=i, name=stage.name, target=stage.target, sparsity=sparsity, prune_n=n, prune_m=m, prune=prune,
@@ -498,12 +209,13 @@ class Recipe(_Strict):
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the resolved recipe: equal means the same run. Left out, as they change no
-        result: the recipe name, finetune.checkpoint_every and eval.fail_on_error (so a run can resume with them changed)."""
+        result: the recipe name, `NOT_FINGERPRINTED` and eval.fail_on_error (so a run can resume with them changed)."""
         stages = []
         for stage in self.resolved_stages():
             body = stage.model_dump(mode="json")
             if body["finetune"] is not None:
-                del body["finetune"]["checkpoint_every"]
+                for key in NOT_FINGERPRINTED:
+                    del body["finetune"][key]
             del body["eval"]["fail_on_error"]
             stages.append(body)
         canonical = {"model": self.model, "dtype": self.dtype, "seed": self.seed,
@@ -519,6 +231,14 @@ class Recipe(_Strict):
         else:
             body["schedule"] = self.schedule.model_dump(mode="json", by_alias=True)
         return yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
+
+
+def to_dataclass(cls: type[T], settings: BaseModel | None, **given: Any) -> T:
+    """`cls(...)` from the settings' fields of the same names plus `given` (values the recipe does not hold, such
+    as a stage's target); a settings field `cls` lacks is left out, so the two shapes are never copied by hand."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: getattr(settings, k) for k in type(settings).model_fields if k in names} if settings else {}
+    return cls(**{**values, **given})
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -545,9 +265,7 @@ def _overlay(base: _Strict, override: _Strict | None, where: str) -> Any:
 
 
 def _external_hook_check(hooks: list[dict], where: str) -> None:
-    """The evaluation module's own check of hook options (known keys, importable custom hooks, lm-eval present)."""
-    from sparsegpt.evaluation import validate_hooks
-
+    """The hook registry's full check of the expanded hooks (known keys, importable custom hooks, lm-eval present)."""
     try:
         validate_hooks(hooks)
     except UserError as e:
@@ -596,24 +314,3 @@ def load_recipe(path: str | Path) -> Recipe:
         err = UserError(f"{path}: {lines[0]}{more}")
         err.details = lines
         raise err from None
-
-
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict | None:
-    """The DeepSpeed config for the recipe's ZeRO settings, or None for zero_stage 0 (single process / DDP).
-
-    Built on the trainer's `finetune.deepspeed_config` (bucket sizes stay "auto" for accelerate to size from the
-    model) with the batch geometry, clipping and precision made explicit."""
-    from sparsegpt.finetune import deepspeed_config as trainer_config
-
-    dist = recipe.distributed
-    if world_size < 1:
-        raise UserError(f"world_size must be >= 1, got {world_size}")
-    if dist.zero_stage == 0:
-        return None
-    norms = [s.finetune.max_grad_norm for s in recipe.resolved_stages() if s.finetune is not None]
-    config = trainer_config(dist.zero_stage, dist.offload_optimizer, dist.offload_params, dist.micro_batch_size,
-                            dist.grad_accum, norms[0] if norms else None)  # one value across stages (checked)
-    config["train_batch_size"] = dist.micro_batch_size * dist.grad_accum * world_size
-    config["bf16"] = {"enabled": dist.mixed_precision == "bf16"}
-    config["fp16"] = {"enabled": dist.mixed_precision == "fp16"}
-    return config

@@ -12,11 +12,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from sparsegpt.compare import flatten_for_trackers, format_stage_table
 from sparsegpt.errors import UserError
+from sparsegpt.evaluation import generate_samples, lm_eval_tasks, perplexity, run_hooks, sparsity_report
+from sparsegpt.hooks import HOOKS, HookContext, runner, validate_hooks
 from sparsegpt.masks import MaskSet
-from sparsegpt.evaluation import (HookContext, append_metrics, flatten_for_trackers, format_stage_table,
-                                  generate_samples, lm_eval_tasks, perplexity, read_metrics, run_hooks, sparsity_report,
-                                  validate_hooks)
+from sparsegpt.rundir import append_metrics, read_metrics
 
 torch.set_num_threads(1)
 TASKS_DIR = Path(__file__).parent / "data" / "lm_eval_tasks"
@@ -286,3 +287,10 @@ def test_read_metrics_rejects_corrupt_middle_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(record(0, "pruned", 1.0)) + "\nnot json\n")
     with pytest.raises(UserError, match="line 2 is not JSON"):
         read_metrics(tmp_path)
+
+
+def test_every_registered_hook_type_resolves_to_its_runner():
+    """The registry names runners as strings (so recipes validate without torch); each must resolve."""
+    for kind, spec in HOOKS.items():
+        fn = runner({"type": kind})
+        assert callable(fn) and fn.__name__ == f"run_{kind}_hook", (kind, spec.runner)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sparsegpt import models
+from sparsegpt.atomic import write_dir_atomically
 from sparsegpt.errors import UserError
 from sparsegpt.models import DEMO_MODEL, check_model, load_model, resolve_model_path, save_model
 
@@ -88,8 +89,8 @@ def test_write_keeps_folder_another_process_finished(tmp_path, caplog):
         out.mkdir()  # the other process renames its finished folder into place meanwhile
         (out / "theirs").write_text("first")
 
-    with caplog.at_level(logging.INFO, logger="sparsegpt.models"):
-        models._write_atomically(out, write, replace=False)
+    with caplog.at_level(logging.INFO, logger="sparsegpt.atomic"):
+        write_dir_atomically(out, write, replace=False)
     assert [p.name for p in out.iterdir()] == ["theirs"] and "another process" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["converted"]
 

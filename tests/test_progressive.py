@@ -181,13 +181,18 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_zero3_progressive_run_keeps_masks(tiny_llama_dir, tmp_path):
-    """2 CPU processes, ZeRO-3 built from the recipe's `distributed` section: rank 0 prunes, both fine-tune."""
+    """2 CPU processes, ZeRO-3 built from the recipe's `distributed` section: rank 0 prunes and evaluates (greedy
+    samples included), both fine-tune."""
     import socket
 
     recipe = tmp_path / "z3.yaml"
     text = RECIPE.format(model=tiny_llama_dir, last="").replace(
         "seed: 0\n", "seed: 0\ndistributed: {zero_stage: 3, micro_batch_size: 2, grad_accum: 1}\n")
     text = text.replace("steps: 6", "steps: 3").replace("checkpoint_every: 2", "checkpoint_every: 0")
+    # the samples hook generates on the main process alone: it must not wait for the other rank (it hung before)
+    text = text.replace("      - {type: sparsity}\n", "      - {type: sparsity}\n"
+                        "      - {type: samples, prompts: [\"def f\"], max_new_tokens: 4}\n")
+    assert "type: samples" in text
     text = text[:text.index("  - {name: s90")]  # two stages are enough here
     recipe.write_text(text)
     with socket.socket() as s:
@@ -207,6 +212,7 @@ def test_two_process_zero3_progressive_run_keeps_masks(tiny_llama_dir, tmp_path)
     recs = records(tmp_path / "run")
     assert [(r["stage"], r["phase"]) for r in recs] == [(0, "pruned"), (0, "finetuned"), (1, "pruned"),
                                                          (1, "finetuned")]
+    assert all(len(r["metrics"]["samples"]) == 1 and "errors" not in r for r in recs), recs
     from sparsegpt.masks import MaskSet
     from sparsegpt.models import load_model
 
@@ -217,3 +223,19 @@ def test_two_process_zero3_progressive_run_keeps_masks(tiny_llama_dir, tmp_path)
         masks.verify(model)  # every masked weight exactly 0 after ZeRO-3 training
         assert masks.sparsity() == pytest.approx([0.5, 0.7][i], abs=0.01)
     assert recs[1]["sparsity"] == recs[0]["sparsity"] and recs[3]["sparsity"] == recs[2]["sparsity"]
+
+
+@pytest.mark.parametrize("old, new", [
+    ("nsamples: 8,", "nsamples: 1000000000000,"),
+    ("finetune: {{steps: 6, seqlen: 32,", "finetune: {{steps: 6, seqlen: 1000000,"),
+], ids=["calibration", "finetune"])
+def test_data_too_small_fails_before_writing(tiny_llama_dir, tmp_path, old, new):
+    """What needs the tokenizer is checked before the run dir is touched (the phase table's rule)."""
+    recipe = tmp_path / "big.yaml"
+    assert old in RECIPE
+    recipe.write_text(RECIPE.replace(old, new).format(model=tiny_llama_dir, last=""))
+    proc = progressive(recipe, tmp_path / "run")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "needed" in proc.stderr or "optimizer step needs" in proc.stderr
+    assert not (tmp_path / "run").exists()

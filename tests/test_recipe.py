@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sparsegpt.dsconfig import recipe_deepspeed_config as deepspeed_config
 from sparsegpt.errors import UserError
-from sparsegpt.recipe import FinetuneSettings, Recipe, Schedule, deepspeed_config, load_recipe
+from sparsegpt.recipe import FinetuneSettings, Recipe, Schedule, load_recipe
+from sparsegpt.run import finetune_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 
@@ -158,7 +160,7 @@ def test_targets_resolve_to_sparsity_or_n_m():
     a, b, c = recipe(stages=[{"name": "a", "target": 0}, {"name": "b", "target": " 2 : 4 "},
                              {"name": "c", "target": 0.75}]).resolved_stages()
     assert (a.sparsity, a.prune_n, a.prune_m) == (0.0, 0, 0)
-    assert (b.target, b.sparsity, b.prune_n, b.prune_m, b.density_target) == ("2:4", 0.0, 2, 4, 0.5)
+    assert (b.target, b.sparsity, b.prune_n, b.prune_m, b.pruned_fraction) == ("2:4", 0.0, 2, 4, 0.5)
     assert (c.sparsity, c.prune_n, c.prune_m) == (0.75, 0, 0)
 
 
@@ -267,14 +269,18 @@ def test_tokens_to_steps():
         FinetuneSettings(tokens=10).num_steps(1, micro_batch_size=1, grad_accum=1)
 
 
-def test_to_config_maps_onto_the_trainer():
-    f = FinetuneSettings(tokens=10_000, seqlen=128, warmup_ratio=0.1, lr=3e-4,
-                         kd={"logit_weight": 0.5, "temperature": 2.0},
-                         lora={"r": 8, "targets": ["q_proj"], "dropout": 0.05})
-    cfg = f.to_config(seed=3, micro_batch_size=2, grad_accum=3, world_size=1)
+def test_finetune_config_maps_onto_the_trainer():
+    r = recipe(seed=3, distributed={"micro_batch_size": 2, "grad_accum": 3},
+               defaults={"finetune": {"tokens": 10_000, "seqlen": 128, "warmup_ratio": 0.1, "lr": 3e-4,
+                                      "kd": {"logit_weight": 0.5, "temperature": 2.0, "layers": [0, 1]},
+                                      "lora": {"r": 8, "targets": ["q_proj"], "dropout": 0.05}}})
+    stage = r.resolved_stages()[0]
+    cfg = finetune_config(stage, r, world_size=1, seqlen=64)
     assert (cfg.steps, cfg.warmup_steps, cfg.lr, cfg.seed, cfg.micro_batch_size, cfg.grad_accum) == (14, 1, 3e-4, 3, 2, 3)
-    assert (cfg.kd_logit_weight, cfg.kd_hidden_weight, cfg.kd_temperature) == (0.5, 0.0, 2.0)
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) == (8, 16, 0.05, ["q_proj"])
+    kd = cfg.kd
+    assert (kd.logit_weight, kd.hidden_weight, kd.temperature, kd.ce_weight, kd.layers) == (0.5, 0.0, 2.0, 1.0, [0, 1])
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (8, 16, 0.05, ["q_proj"])
+    assert finetune_config(r.resolved_stages()[1], r, world_size=1, seqlen=64).seed == 4  # recipe seed + index
 
 
 def test_deepspeed_config_per_zero_stage():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "compare run dirs: table, CSV and plot of a metric vs sparsity, best run per sparsity"
+from sparsegpt.compare import choose_metric, load_runs, write_compare
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,8 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the runs, write the comparison, print it."""
-    from sparsegpt.compare import choose_metric, load_runs, write_compare
-
     runs = load_runs(args.run_dirs)
     metric = choose_metric(runs, args.metric)
     print(write_compare(runs, metric, args.out))

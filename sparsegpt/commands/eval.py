@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-HELP = "evaluate a model: perplexity, lm-eval tasks, sparsity, samples"
+from sparsegpt.compare import format_value
+from sparsegpt.evaluation import run_hooks
+from sparsegpt.hooks import HookContext, validate_hooks
+from sparsegpt.masks import MaskSet
+from sparsegpt.models import load_model, resolve_model_path
+
 DEFAULT_PROMPTS = ("The meaning of life is", "def fibonacci(n):", "Paris is the capital of")
 
 
@@ -76,10 +81,6 @@ def hooks_from_args(args: argparse.Namespace) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model (and its mask, if saved with one), run the hooks, print and write the results."""
-    from sparsegpt.evaluation import HookContext, format_value, run_hooks, validate_hooks
-    from sparsegpt.masks import MaskSet
-    from sparsegpt.models import load_model, resolve_model_path
-
     hooks = hooks_from_args(args)
     validate_hooks(hooks)
     mask_path = Path(resolve_model_path(args.model)) / "mask.safetensors"

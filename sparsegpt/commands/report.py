@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "report on one run: per-stage sparsity, metrics, times, plot"
+from sparsegpt.compare import write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,8 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print it."""
-    from sparsegpt.compare import write_report
-
     out = args.out or args.run_dir
     print(write_report(args.run_dir, out, args.metric))
     print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
