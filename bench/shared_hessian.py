@@ -1,8 +1,8 @@
 """Shared Hessians (one per input group: q/k/v, gate/up) versus one Hessian per linear, as model width grows.
 
-Prunes random-weight Llama-shaped decoders (2 layers, grouped-query attention, MLP 8/3 × hidden) with SparseGPT through the real
-driver, once with `shared_hessian=True` and once with False, on the same calibration batch, and reports the
-pruning time of each (best of --repeats) and the max weight difference (expected 0: the same math).
+Prunes random-weight Llama-shaped decoders (2 layers, grouped-query attention, MLP 8/3 × hidden) with SparseGPT
+through the real driver, once with `shared_hessian=True` and once with False, on the same calibration batch, and
+reports the pruning time of each (best of --repeats) and the max weight difference (expected 0: the same math).
 
     python bench/shared_hessian.py --hidden 576 1024 2048 --tokens 2048 --threads 2
 """

@@ -7,8 +7,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from sparsegpt._select import (check_base_budget, check_nm_base, check_prune_args, lowest_with_forced,
-                               nm_mask, unstructured_mask)
+from sparsegpt._select import (
+    check_base_budget,
+    check_nm_base,
+    check_prune_args,
+    lowest_with_forced,
+    nm_mask,
+    unstructured_mask,
+)
 from sparsegpt.errors import UserError
 from sparsegpt.solver import prune_matrix
 

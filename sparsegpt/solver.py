@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsegpt._select import (check_base_budget, check_nm_base, check_prune_args, nm_mask,
-                               unstructured_mask)
+from sparsegpt._select import check_base_budget, check_nm_base, check_prune_args, nm_mask, unstructured_mask
 from sparsegpt.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,15 @@ from matplotlib.image import imread
 from sparsegpt.commands import compare as compare_cmd
 from sparsegpt.commands import eval as eval_cmd
 from sparsegpt.commands import report as report_cmd
-from sparsegpt.compare import (best_per_target, choose_metric, load_runs, lower_is_better, metric_table,
-                               write_compare, write_report)
+from sparsegpt.compare import (
+    best_per_target,
+    choose_metric,
+    load_runs,
+    lower_is_better,
+    metric_table,
+    write_compare,
+    write_report,
+)
 from sparsegpt.errors import UserError
 
 torch.set_num_threads(1)

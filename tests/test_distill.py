@@ -13,8 +13,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sparsegpt.distill import (KDConfig, check_compatible, kd_loss, logit_kl, prepare_teacher, squarehead,
-                               teacher_ds_config)
+from sparsegpt.distill import (
+    KDConfig,
+    check_compatible,
+    kd_loss,
+    logit_kl,
+    prepare_teacher,
+    squarehead,
+    teacher_ds_config,
+)
 from sparsegpt.errors import UserError
 
 torch.set_num_threads(1)

@@ -8,8 +8,13 @@ import torch
 
 from sparsegpt.baselines import magnitude_prune, wanda_prune
 from sparsegpt.errors import UserError
-from sparsegpt.solver import (inverse_hessian_factor, prune_group_with_factor, prune_matrix, prune_with_factor,
-                              reconstruction_error)
+from sparsegpt.solver import (
+    inverse_hessian_factor,
+    prune_group_with_factor,
+    prune_matrix,
+    prune_with_factor,
+    reconstruction_error,
+)
 
 
 def reference_obs(W, H, sparsity, *, prune_n=0, prune_m=0, blocksize=128, percdamp=0.01, base_mask=None):
