@@ -353,29 +353,8 @@ def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
 
 # -- entry --------------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train/progressive.py",
-        description=("Progressive sparsification: for each stage of the recipe, prune one-shot with SparseGPT to the "
-                     "stage's target (never reviving weights pruned before), evaluate, fine-tune with the mask held "
-                     "exactly, evaluate, checkpoint. Run the same command again to resume."),
-        epilog=("examples:\n"
-                "  accelerate launch train/progressive.py --recipe recipes/demo.yaml --dry-run\n"
-                "  accelerate launch --num_processes 8 train/progressive.py --recipe recipes/opt13b_90.yaml\n"
-                "  sparsegpt report runs/opt13b_90"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, type=Path, help="YAML recipe (see recipes/)")
-    parser.add_argument("--run-dir", type=Path, default=None,
-                        help="where the run lives (default: runs/<recipe name>); an existing one is resumed")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the expanded stage plan and a per-device memory estimate, then exit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry for `accelerate launch train/progressive.py --recipe R.yaml [--run-dir D] [--dry-run]`."""
-    args = build_parser().parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """Entry for train/progressive.py (which parses the flags before importing this module, so --help is quick)."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
