@@ -6,7 +6,8 @@ see `architectures`). On disk they take 1 bit per weight: one `np.packbits` uint
 safetensors file whose metadata holds the shapes. `grad_hooks` keeps training from reviving pruned weights: the
 gradient is zeroed at masked positions before anything accumulates or reduces it, so optimizer moments and
 updates stay 0 there. Training sees parameters, so `param_masks` stacks a fused parameter's per-expert masks
-into one mask in the parameter's own 3-D layout.
+into one mask in the parameter's own 3-D layout. Each hook is a `KeepMask`, which the post-step enforcer shares:
+an unpacked keep where the rank holds the weight whole, only this rank's packed bits under ZeRO-3.
 """
 
 from __future__ import annotations
