@@ -141,10 +141,8 @@ def sparsity_report(model: nn.Module, masks: MaskSet | None = None) -> dict:
     every masked weight is zero; without, it counts exact zeros in `architectures.prunable_linears(model)`.
     """
     if masks is not None:
-        masks.verify(model)
-        modules = dict(model.named_modules())
+        masks.verify(model)  # every masked matrix exists (expert slices included) and is zero where masked
         pruned_by_name = {name: masks.masks[name] for name in masks.masks}
-        linears = {name: modules[name] for name in pruned_by_name}
     else:
         linears = prunable_linears(model)
         pruned_by_name = {name: weight_as_linear(m) == 0 for name, m in linears.items()}

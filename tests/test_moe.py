@@ -28,6 +28,7 @@ from sparsegpt.architectures import ExpertLinear, decoder_layers, prunable_linea
 from sparsegpt.checkpoint import save_finetuned
 from sparsegpt.enforce import MaskEnforcer
 from sparsegpt.errors import UserError
+from sparsegpt.evaluation import sparsity_report
 from sparsegpt.finetune import FinetuneConfig, finetune
 from sparsegpt.lora import _target_names
 from sparsegpt.masks import MaskSet
@@ -311,3 +312,13 @@ def test_cli_sparsity_json_carries_the_expert_stats(tiny_tokenizer, tmp_path, mo
     masks = MaskSet.load(out / "mask.safetensors")
     masks.verify(T.AutoModelForCausalLM.from_pretrained(out))
     assert set(masks.masks) == {s["name"] for s in report["stats"]}
+
+
+def test_sparsity_report_counts_expert_masks():
+    """The sparsity hook on a pruned MoE model: expert matrices are reported from their masks, per expert."""
+    model = tiny_model("mixtral")
+    masks = prune_model(model, calib(), PruneConfig(sparsity=0.5, blocksize=16)).masks
+    report = sparsity_report(model, masks)
+    experts = [name for name in report["linears"] if ".experts." in name]
+    assert experts and report["overall"] == pytest.approx(masks.sparsity())
+    assert all(report["linears"][name]["sparsity"] == pytest.approx(0.5, abs=0.02) for name in experts)
