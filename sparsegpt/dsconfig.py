@@ -20,7 +20,11 @@ if TYPE_CHECKING:  # finetune imports this module; the config is only needed for
 def deepspeed_config(zero_stage: int, offload_optimizer: bool = False, offload_params: bool = False,
                      micro_batch: int | str = "auto", grad_accum: int | str = "auto",
                      max_grad_norm: float | None | str = "auto") -> dict:
-    """A DeepSpeed config dict (what recipes/deepspeed/*.json hold); "auto" values are filled by accelerate/finetune."""
+    """A DeepSpeed config dict (what recipes/deepspeed/*.json hold); "auto" values are filled by accelerate/finetune.
+
+    bf16/fp16 stay "auto": accelerate fills them from the Accelerator's mixed precision, i.e. the launch's
+    --mixed_precision (an accelerate config file naming a deepspeed_config_file must not set mixed_precision:
+    accelerate refuses that combination)."""
     if zero_stage not in (0, 1, 2, 3):
         raise UserError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
     if offload_params and zero_stage != 3:
