@@ -41,7 +41,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.sparse import to_sparse_semi_structured
 
-from sparsegpt import compact
+from sparsegpt import compact, compact_codec, compact_export
 from sparsegpt.architectures import prunable_linears
 from sparsegpt.data import calibration_ids
 from sparsegpt.masks import MaskSet
@@ -101,7 +101,8 @@ def folder_tensor_bytes(folder: Path, pattern: str) -> int:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 piece = f.get_slice(key)
-                total += torch.Size(piece.get_shape()).numel() * compact._DTYPE_OF_CODE[piece.get_dtype()].itemsize
+                itemsize = compact_codec._DTYPE_OF_CODE[piece.get_dtype()].itemsize
+                total += torch.Size(piece.get_shape()).numel() * itemsize
     return total
 
 
@@ -283,7 +284,7 @@ def child_cast(args, source: str, dtype: str, out: str) -> dict:
 def child_export(args, source: str, out: str) -> dict:
     """Export in this fresh process: peak RSS above what the imports left, and sampled anonymous RSS. The imports
     include the model's modeling code (a meta-device skeleton is built and dropped before the baseline)."""
-    compact._skeleton(Path(source))
+    compact_export._skeleton(Path(source))
     base_rss, base_anon = proc_status("VmRSS"), proc_status("RssAnon")
     reset = reset_peak_rss()
     t0 = time.perf_counter()

@@ -34,8 +34,8 @@ from sparsegpt.architectures import (
     prunable_linears,
     weight_as_linear,
 )
+from sparsegpt.atomic import atomic_file
 from sparsegpt.errors import UserError
-from sparsegpt.models import atomic_file
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparsegpt.atomic import atomic_file, atomic_write_text, write_dir_atomically
-from sparsegpt.errors import UserError
-
-# isort: split
-# load_model delegates compact folders to compact, which imports masks, which still imports atomic_file from
-# here: bind the names above first, and import compact as a module (it reads models.DTYPES at call time)
 from sparsegpt import compact
+from sparsegpt.atomic import write_dir_atomically
+from sparsegpt.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -172,7 +168,3 @@ def _dequantized_gguf(gguf: Path):
             raise RuntimeError(f"{gguf}: config ties lm_head to the embeddings but the rebuilt model does not")
     return model.eval(), tokenizer
 
-
-# re-exported until callers import them from sparsegpt.atomic
-_write_atomically = write_dir_atomically
-__all_atomic__ = (atomic_file, atomic_write_text)

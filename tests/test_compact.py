@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.sparse import to_sparse_semi_structured
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from sparsegpt import cli, compact
+from sparsegpt import cli, compact, compact_codec
 from sparsegpt.architectures import prunable_linears, weight_as_linear
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
@@ -148,7 +148,8 @@ def test_ninety_percent_takes_at_most_017_of_dense(tiny_tokenizer, tmp_path):
                 param = key.rpartition(".")[0]
                 if param in params:
                     piece = f.get_slice(key)
-                    stored += torch.Size(piece.get_shape()).numel() * compact._DTYPE_OF_CODE[piece.get_dtype()].itemsize
+                    itemsize = compact_codec._DTYPE_OF_CODE[piece.get_dtype()].itemsize
+                    stored += torch.Size(piece.get_shape()).numel() * itemsize
         for name in masks.masks:
             dense_bytes += masks.masks[name].numel() * dtype.itemsize
         assert len(params) == len(masks.masks) == 7
@@ -196,7 +197,7 @@ def test_kept_zeros_shards_and_row_blocks(make_tiny_model, tiny_tokenizer, tmp_p
         weight[kept[0, 0], kept[0, 1]] = 0.0
         weight[kept[1, 0], kept[1, 1]] = -0.0
     dense = save_pruned(model, tiny_tokenizer, masks, tmp_path / "dense")
-    monkeypatch.setattr(compact, "COPY_BLOCK_BYTES", 3000)  # unpruned tensors copied in blocks of a few rows
+    monkeypatch.setattr(compact_codec, "COPY_BLOCK_BYTES", 3000)  # unpruned tensors copied in blocks of a few rows
     summary = compact.export(dense, tmp_path / "compact", max_shard_bytes=20_000)
     assert summary.shards > 3 and len(list((tmp_path / "compact").glob("compact-*-of-*.safetensors"))) == summary.shards
     assert_bit_identical(load_file(dense / "model.safetensors"), compact.read_state_dict(tmp_path / "compact"))
