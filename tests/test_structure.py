@@ -4,6 +4,7 @@ concern, the scheduler's phase table, short modules."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sparsegpt.commands import prune as prune_command
 from sparsegpt.distill import KDConfig
 from sparsegpt.finetune import FinetuneConfig
 from sparsegpt.lora import LoraSettings
@@ -110,3 +112,16 @@ def test_shared_fields_have_the_same_defaults(settings, config):
 def test_the_pipeline_is_every_phase_once_in_order():
     assert [spec.phase for spec in PIPELINE] == list(Phase)
     assert all(spec.ranks in ("main", "all") for spec in PIPELINE)
+
+
+# The CLI's flag for each PruneConfig field (the recipe's PruneSettings has the same names; see above).
+PRUNE_FLAGS = {"sparsity": "sparsity", "prune_n": "nm", "prune_m": "nm", "shared_hessian": "per_linear_hessian",
+               "dtype": "solver_dtype"}
+
+
+def test_every_prune_knob_has_a_cli_flag():
+    parser = argparse.ArgumentParser()
+    prune_command.add_arguments(parser)
+    dests = {action.dest for action in parser._actions}
+    missing = [f.name for f in dataclasses.fields(PruneConfig) if PRUNE_FLAGS.get(f.name, f.name) not in dests]
+    assert not missing, f"PruneConfig fields without a `sparsegpt prune` flag: {missing}"

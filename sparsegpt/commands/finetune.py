@@ -37,8 +37,6 @@ from sparsegpt.lora import LoraSettings
 from sparsegpt.masks import MaskSet
 from sparsegpt.models import check_model, load_model, resolve_model_path
 
-HELP = "fine-tune a pruned model with its mask held exactly (KD, LoRA, DeepSpeed ZeRO)"
-
 log = logging.getLogger(__name__)
 
 

@@ -32,8 +32,6 @@ from sparsegpt.masks import MaskSet
 from sparsegpt.models import check_model, load_model, save_model
 from sparsegpt.sequential import PruneConfig, prune_model
 
-HELP = "one-shot prune a model to a target sparsity (SparseGPT / Wanda / magnitude)"
-
 log = logging.getLogger(__name__)
 
 
@@ -65,8 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-expert-tokens", type=int,
                    help="MoE: an expert matrix routed fewer calibration tokens gets the layer's pooled Hessian mixed "
                         "in up to this many tokens (default: its input width; 0 = only experts that saw none)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where each decoder layer is pruned (the rest of the model stays on CPU)")
+    p.add_argument("--device", default=None,
+                   help="where each decoder layer is pruned (default: cuda if available, else cpu; the rest of the "
+                        "model stays on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--dtype", default="auto", help="model weight dtype: auto, float32, bfloat16, float16")
     p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"], help="SparseGPT math dtype")
@@ -115,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     seqlen = args.seqlen or default_seqlen(model)
     calib = calibration_ids(args.calib, tokenizer, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed)
-    result = prune_model(model, calib, cfg, base_masks=base, device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = prune_model(model, calib, cfg, base_masks=base, device=device)
     per_linear = result.masks.verify(model)
     report = {"model": args.model, "method": cfg.method, "target": cfg.target, "nm": args.nm,
               "allocation": cfg.allocation, "prune_router": cfg.prune_router,
