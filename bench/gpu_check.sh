@@ -13,6 +13,9 @@
 # Everything goes to stdout and, when $OUT is set, also to $OUT/gpu_check.txt (plus the run's metrics.jsonl and
 # the recipe). Each step has a time cap inside the overall 8-minute budget; a failed or timed-out step is
 # reported and the script goes on; the exit status is non-zero if any step failed.
+# Not yet run on a GPU. Checked off-GPU (2026-12-01): bash -n and shellcheck 0.11 clean; GPU_CHECK_DRY_ONLY=1
+# (recipe + dry-run estimate only) passes; step (i)'s launch line with this recipe, rehearsed on CPU
+# (DS_ACCELERATOR=cpu, a 3M-param Llama, 2 steps), completed both stages with the hook reporting cuda 0.0.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -203,6 +203,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")
     load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    started = datetime.datetime.now()
     with tempfile.TemporaryDirectory(prefix="membench-") as tmp:
         tmp = Path(tmp)
         if args.random_llama:
@@ -231,7 +232,7 @@ def main() -> None:
             print(f"  {seconds:.0f}s; peak above imports: {peaks}", file=sys.stderr, flush=True)
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    meta = {"machine": machine(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"machine": machine(), "date": f"{started:%Y-%m-%d %H:%M}-{datetime.datetime.now():%H:%M} (local time)",
             "load_start": load_start, "load_end": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
             "command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
             "model": args.random_llama and f"random-init Llama {args.random_llama}" or args.model, "params": params,

@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from transformers.integrations import unset_hf_deepspeed_config
 
+from sparsegpt import finetune as finetune_module
 from sparsegpt.architectures import prunable_linears
 from sparsegpt.data import calibration_ids
 from sparsegpt.distill import KDConfig
@@ -92,9 +93,22 @@ def load_whole(accelerator: Accelerator, model: str, dtype: str):
         plugin.set_deepspeed_weakref()
 
 
+def marked(fn, marks: Marks, name: str):
+    """`fn` wrapped to mark memory before and after each call (to see where in `finetune` the peak happens)."""
+    def wrapper(*args, **kwargs):
+        marks.mark(f"before {name}")
+        out = fn(*args, **kwargs)
+        marks.mark(f"after {name}")
+        return out
+    return wrapper
+
+
 def run_finetune(args: argparse.Namespace, marks: Marks) -> dict:
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
     marks.mark("accelerator")
+    accelerator.prepare = marked(accelerator.prepare, marks, "prepare")
+    finetune_module.prepare_teacher = marked(finetune_module.prepare_teacher, marks, "prepare_teacher")
+    finetune_module._train = marked(finetune_module._train, marks, "train")
     model, tokenizer = load_whole(accelerator, args.model, args.dtype)
     marks.mark("student loaded")
     masks = magnitude_masks(model, 0.5)
