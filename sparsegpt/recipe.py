@@ -109,6 +109,9 @@ class Recipe(_Strict):
     schedule: Schedule | None = None
     # accelerate trackers fed every evaluation (logs under RUN_DIR/trackers); not part of the fingerprint
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    # how each finished stage's model is stored: "dense" (HF safetensors with zeros + mask.safetensors) or
+    # "compact" (sparsegpt export format; read back bit-identically); not part of the fingerprint
+    save: Literal["dense", "compact"] = "dense"
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.integrations import unset_hf_deepspeed_config
 
 from sparsegpt.checkpoint import save_finetuned
+from sparsegpt.compact import export, is_compact, load_masks
 from sparsegpt.compare import flatten_for_trackers, format_stage_table
 from sparsegpt.data import calibration_ids, check_calibration, check_source, default_seqlen, train_ids
 from sparsegpt.distill import KDConfig
@@ -126,7 +127,7 @@ class Scheduler:
     def prune(self, stage: ResolvedStage) -> None:
         """One-shot prune of the previous stage's model to this stage's target (target 0: keep it as is)."""
         model, tok = self._load(self._input_dir(stage))
-        base = MaskSet.load(self._input_dir(stage) / "mask.safetensors") if stage.index > 0 else None
+        base = stage_masks(self._input_dir(stage)) if stage.index > 0 else None
         if stage.sparsity == 0 and not stage.prune_n:
             masks = base if base is not None else MaskSet.from_model(model)
         else:
@@ -185,8 +186,16 @@ class Scheduler:
         """Make the stage's model final (a stage without fine-tuning promotes its pruned model) and clean up."""
         self._release()
         sdir = self._dir(stage)
-        if not (sdir / "model").exists():
-            os.replace(sdir / "pruned", sdir / "model")
+        model, packed = sdir / "model", sdir / "compact"
+        if not model.exists() and not packed.exists():
+            os.replace(sdir / "pruned", model)
+        if self.recipe.save == "compact" and model.exists() and not is_compact(model):
+            if not is_compact(packed):  # a kill after the export leaves it complete: reuse it
+                shutil.rmtree(packed, ignore_errors=True)
+                export(model, packed)
+            shutil.rmtree(model)
+        if packed.exists() and not model.exists():
+            os.replace(packed, model)
         for leftover in sdir.iterdir():  # the pruned copy, checkpoints, temp folders of killed writes
             if leftover.name != "model":
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -252,6 +261,11 @@ class Scheduler:
             yield
         finally:
             plugin.set_deepspeed_weakref()
+
+
+def stage_masks(folder: Path) -> MaskSet:
+    """The mask of a stage's model folder, dense (mask.safetensors) or compact (its bitmasks)."""
+    return load_masks(folder) if is_compact(folder) else MaskSet.load(folder / "mask.safetensors")
 
 
 def _short(metrics: dict) -> str:

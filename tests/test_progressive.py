@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsegpt.compact import is_compact, load_masks
+from sparsegpt.models import load_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = """\
@@ -239,3 +242,21 @@ def test_data_too_small_fails_before_writing(tiny_llama_dir, tmp_path, old, new)
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert "needed" in proc.stderr or "optimizer step needs" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compact_stage_models_give_the_same_run(reference, tmp_path, tiny_llama_dir):
+    """`save: compact`: each finished stage's model is a compact folder, read back bit-identically, so the next
+    stage prunes the same weights and the metrics equal the dense run's."""
+    _, ref_dir, _ = reference
+    text = RECIPE.format(model=tiny_llama_dir, last="").replace("seed: 0\n", "seed: 0\nsave: compact\n")
+    recipe = tmp_path / "compact.yaml"
+    recipe.write_text(text[:text.index("  - {name: s90")])  # two stages: the second starts from a compact model
+    proc = progressive(recipe, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert comparable(records(tmp_path / "run")) == comparable(records(ref_dir))[:4]
+    for name in ("00-s50", "01-s70"):
+        folder = tmp_path / "run" / "stages" / name / "model"
+        assert is_compact(folder) and sorted(p.name for p in folder.parent.iterdir()) == ["model"]
+        model, _ = load_model(folder)
+        load_masks(folder).verify(model)
