@@ -1,7 +1,7 @@
 """Export a pruned model as a compact checkpoint: the kept weights of every pruned linear plus 1 bit per weight.
 
-SOURCE is a model folder (config.json + safetensors; its mask.safetensors names the pruned linears, else the
-exact zeros of the decoder layers' linears are used) or a run dir (its last finished stage's model). Weights
+The source is a model folder (config.json + safetensors; its mask.safetensors names the pruned linears, else
+the exact zeros of the decoder layers' linears are used) or a run dir (its last finished stage's model). Weights
 whose mask is exactly 2:4 are stored in PyTorch's semi-structured layout (values + 2-bit positions). Everything
 else (embeddings, norms, config, tokenizer, generation config) is kept as it is. The export is streamed: one
 tensor in memory at a time, written into a temp folder that is renamed to --out when complete.
