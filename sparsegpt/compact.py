@@ -41,6 +41,7 @@ from sparsegpt.compact_codec import (
     DEFAULT_MAX_SHARD_BYTES,
     FORMAT,
     INDEX_FILE,
+    MASK_FILE,
     SEMI_24,
     _check_spec,
     _open,
@@ -55,8 +56,8 @@ from sparsegpt.errors import UserError
 
 # the public API of the format (also what tests and commands use)
 __all__ = ["BITMASK", "DEFAULT_MAX_SHARD_BYTES", "FORMAT", "INDEX_FILE", "SEMI_24", "ExportSummary", "check_out_dir",
-           "decode", "encode_semi_24", "export", "is_compact", "load_compact", "load_masks", "read_state_dict",
-           "resolve_source", "save_compact"]
+           "decode", "encode_semi_24", "export", "folder_masks", "is_compact", "load_compact", "load_masks",
+           "read_state_dict", "resolve_source", "save_compact"]
 
 
 log = logging.getLogger(__name__)
@@ -152,3 +153,12 @@ def load_compact(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                         f"{names[0]}{' and more' if len(names) > 1 else ''}); the export is incomplete or foreign")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer
+
+
+def folder_masks(path: str | os.PathLike) -> mask_io.MaskSet | None:
+    """The mask saved with a model folder: a compact folder's bitmasks, a dense folder's mask.safetensors, or None
+    (no mask saved; callers fall back to the model's exact zeros)."""
+    folder = Path(path)
+    if is_compact(folder):
+        return load_masks(folder)
+    return mask_io.MaskSet.load(folder / MASK_FILE) if (folder / MASK_FILE).is_file() else None

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.integrations import unset_hf_deepspeed_config
 
 from sparsegpt.checkpoint import save_finetuned
-from sparsegpt.compact import export, is_compact, load_masks
+from sparsegpt.compact import export, folder_masks, is_compact
 from sparsegpt.compare import flatten_for_trackers, format_stage_table
 from sparsegpt.data import calibration_ids, check_calibration, check_source, default_seqlen, train_ids
 from sparsegpt.distill import KDConfig
@@ -127,7 +127,7 @@ class Scheduler:
     def prune(self, stage: ResolvedStage) -> None:
         """One-shot prune of the previous stage's model to this stage's target (target 0: keep it as is)."""
         model, tok = self._load(self._input_dir(stage))
-        base = stage_masks(self._input_dir(stage)) if stage.index > 0 else None
+        base = folder_masks(self._input_dir(stage)) if stage.index > 0 else None
         if stage.sparsity == 0 and not stage.prune_n:
             masks = base if base is not None else MaskSet.from_model(model)
         else:
@@ -261,11 +261,6 @@ class Scheduler:
             yield
         finally:
             plugin.set_deepspeed_weakref()
-
-
-def stage_masks(folder: Path) -> MaskSet:
-    """The mask of a stage's model folder, dense (mask.safetensors) or compact (its bitmasks)."""
-    return load_masks(folder) if is_compact(folder) else MaskSet.load(folder / "mask.safetensors")
 
 
 def _short(metrics: dict) -> str:

@@ -405,3 +405,14 @@ def test_truncated_foreign_and_2_4_corruption(pruned_llama, make_tiny_model, tin
     (tmp_path / "c24" / compact.INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(UserError, match=f"do not fit the config \\(missing keys: {PARAM}\\)"):
         load_model(tmp_path / "c24")
+
+
+def test_folder_masks_reads_dense_and_compact_folders_alike(make_tiny_model, tiny_tokenizer, tmp_path):
+    """What eval, finetune and the scheduler use: the mask saved with a folder, whichever way it was saved."""
+    model = make_tiny_model("llama")
+    dense = save_pruned(model, tiny_tokenizer, prune(model, "unstructured"), tmp_path / "dense")
+    compact.export(dense, tmp_path / "compact")
+    a, b = compact.folder_masks(dense), compact.folder_masks(tmp_path / "compact")
+    assert a.masks.keys() == b.masks.keys() and all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    (tmp_path / "bare").mkdir()
+    assert compact.folder_masks(tmp_path / "bare") is None  # no mask saved: callers use the exact zeros

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from sparsegpt.compact import folder_masks
 from sparsegpt.compare import format_value
 from sparsegpt.evaluation import run_hooks
 from sparsegpt.hooks import HookContext, validate_hooks
-from sparsegpt.masks import MaskSet
 from sparsegpt.models import load_model, resolve_model_path
 
 DEFAULT_PROMPTS = ("The meaning of life is", "def fibonacci(n):", "Paris is the capital of")
@@ -83,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model (and its mask, if saved with one), run the hooks, print and write the results."""
     hooks = hooks_from_args(args)
     validate_hooks(hooks)
-    mask_path = Path(resolve_model_path(args.model)) / "mask.safetensors"
-    masks = MaskSet.load(mask_path) if mask_path.is_file() else None
+    masks = folder_masks(resolve_model_path(args.model))
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     context = HookContext(name="eval", device=args.device, masks=masks)
     metrics, _ = run_hooks(model, tokenizer, hooks, context, fail_fast=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from sparsegpt.checkpoint import save_finetuned
+from sparsegpt.compact import folder_masks
 from sparsegpt.data import check_source, default_seqlen, train_ids
 from sparsegpt.distill import KDConfig
 from sparsegpt.dsconfig import cpu_deepspeed_handlers
@@ -99,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     teacher = load_model(args.kd, dtype=args.dtype)[0] if args.kd else None
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
-    mask_file = Path(resolve_model_path(args.model)) / "mask.safetensors"
-    masks = MaskSet.load(mask_file) if mask_file.is_file() else MaskSet.from_model(model)
-    log.info("mask: %s (sparsity %.4f)", mask_file if mask_file.is_file() else "exact zeros", masks.sparsity())
+    saved = folder_masks(resolve_model_path(args.model))
+    masks = saved if saved is not None else MaskSet.from_model(model)
+    log.info("mask: %s (sparsity %.4f)", "saved with the model" if saved is not None else "exact zeros",
+             masks.sparsity())
     seqlen = args.seqlen or default_seqlen(model, cap=512)
     ids = train_ids(args.data, tokenizer, seqlen=seqlen)
     ckpt_dir = args.ckpt_dir or args.out.with_name(args.out.name + ".ckpt")
