@@ -20,10 +20,11 @@ import torch
 import transformers as T
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from test_families import BATCH, MOE_KINDS, calib, tiny_model
+from test_families import BATCH, MOE_KINDS, calib, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from test_sequential import spy_hessians
 from transformers.activations import ACT2FN
 
-from sparsegpt import cli, sequential
+from sparsegpt import cli
 from sparsegpt.architectures import ExpertLinear, decoder_layers, prunable_linears, weight_as_linear
 from sparsegpt.checkpoint import save_finetuned
 from sparsegpt.enforce import MaskEnforcer
@@ -34,30 +35,8 @@ from sparsegpt.lora import _target_names
 from sparsegpt.masks import MaskSet
 from sparsegpt.models import save_model
 from sparsegpt.sequential import PruneConfig, prune_model
-from sparsegpt.solver import reconstruction_error
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("SPARSEGPT_NO_PROGRESS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def spy_hessians(monkeypatch) -> list[torch.Tensor]:
-    """The Hessian the driver used for each matrix, in stats order (reconstruction_error sees it)."""
-    seen = []
-
-    def spy(w_old, w_new, hessian):
-        seen.append(hessian.clone())
-        return reconstruction_error(w_old, w_new, hessian)
-
-    monkeypatch.setattr(sequential, "reconstruction_error", spy)
-    return seen
 
 
 def routed_by_hand(model, ids, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
