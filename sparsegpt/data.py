@@ -98,14 +98,12 @@ def calibration_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, nsamples
     return ids[starts[:, None] + torch.arange(seqlen)]
 
 
-def check_calibration(source: str, tokenizer: PreTrainedTokenizerBase, *, nsamples: int, seqlen: int) -> None:
-    """UserError now, before any work, where `calibration_ids` would refuse these sizes (tokenizes the text once;
-    c4's document protocol draws until it has enough, so only its sizes are checked)."""
-    _check_positive(nsamples=nsamples, seqlen=seqlen)
+def train_tokens(source: str, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, bool]:
+    """The train split's token ids as `train_ids` packs them, and whether `calibration_ids` draws from its documents
+    instead (c4's protocol, which takes documents until it has enough): what pre-flight size checks compare with,
+    tokenized once for every stage."""
     text = load_text(source, "train")
-    if isinstance(text, str) and len(ids := _tokenize(tokenizer, text)) < nsamples * seqlen:
-        raise UserError(f"{source} train has {len(ids)} tokens; {nsamples} × {seqlen} = {nsamples * seqlen} needed "
-                        "for calibration; lower nsamples or seqlen")
+    return _tokenize(tokenizer, text), isinstance(text, list)
 
 
 def eval_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, seqlen: int, split: str = "test",

@@ -37,7 +37,7 @@ from transformers.integrations import unset_hf_deepspeed_config
 from sparsegpt.checkpoint import save_finetuned
 from sparsegpt.compact import export, folder_masks, is_compact
 from sparsegpt.compare import flatten_for_trackers, format_stage_table
-from sparsegpt.data import calibration_ids, check_calibration, check_source, default_seqlen, train_ids
+from sparsegpt.data import calibration_ids, check_source, default_seqlen, train_ids, train_tokens
 from sparsegpt.distill import KDConfig
 from sparsegpt.dsconfig import cpu_deepspeed_handlers, deepspeed_plugin_from_config, recipe_deepspeed_config
 from sparsegpt.errors import UserError
@@ -232,7 +232,7 @@ class Scheduler:
         if self._live is None or self._live[0] != folder:
             self._release()
             model, tok = self._load(folder)
-            self._live = (folder, model, tok, MaskSet.load(folder / "mask.safetensors"))
+            self._live = (folder, model, tok, folder_masks(folder))
         return self._live[1:]
 
     def _release(self) -> None:
@@ -302,23 +302,33 @@ def check_inputs(recipe: Recipe, rd: RunDir) -> None:
 
 def check_data(recipe: Recipe, world_size: int) -> None:
     """What needs the tokenizer: every stage's calibration set fits the calibration text, and the fine-tuning text
-    holds one optimizer step. Main process only (it may convert a GGUF model into the model cache, not the run)."""
+    holds one optimizer step. Main process only (it may convert a GGUF model into the model cache, not the run).
+    Each source's train split is tokenized once, whatever the number of stages."""
     path = resolve_model_path(recipe.model)
     tok, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
-    d = recipe.distributed
-    seen = set()
+    d, data = recipe.distributed, recipe.data
+    tokens: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def count(source: str) -> tuple[int, bool]:
+        if source not in tokens:
+            tokens[source] = train_tokens(source, tok)
+        ids, documents = tokens[source]
+        return len(ids), documents
+
     for stage in recipe.resolved_stages():
         p = stage.prune
         seqlen = p.seqlen or default_seqlen(config)
-        if (stage.sparsity or stage.prune_n) and (p.nsamples, seqlen) not in seen:
-            seen.add((p.nsamples, seqlen))
-            check_calibration(recipe.data.calibration, tok, nsamples=p.nsamples, seqlen=seqlen)
+        if stage.sparsity or stage.prune_n:
+            n, documents = count(data.calibration)
+            if not documents and n < p.nsamples * seqlen:
+                raise UserError(f"{data.calibration} train has {n} tokens; {p.nsamples} × {seqlen} = "
+                                f"{p.nsamples * seqlen} needed for calibration; lower nsamples or seqlen")
         if stage.finetune is not None:
             ft_seqlen = stage.finetune.seqlen or seqlen
-            rows = train_ids(recipe.data.finetune, tok, seqlen=ft_seqlen).shape[0]
+            rows = count(data.finetune)[0] // ft_seqlen
             need = d.micro_batch_size * d.grad_accum * world_size
             if rows < need:
-                raise UserError(f"stages[{stage.index}].finetune: {recipe.data.finetune} train has {rows} blocks of "
+                raise UserError(f"stages[{stage.index}].finetune: {data.finetune} train has {rows} blocks of "
                                 f"{ft_seqlen} tokens but one optimizer step needs {need} (micro_batch_size x "
                                 "grad_accum x processes); use more text, a shorter seqlen or smaller batches")
 
