@@ -107,6 +107,19 @@ class PruneResult:
     layer_seconds: list[float] = field(default_factory=list)
 
 
+class LayerAccess:
+    """How the pruning pass reaches each decoder layer. The default (the whole model in memory) does nothing;
+    a streamed pass (`sparsegpt.streaming`) materializes layer `index` from the checkpoint in `enter` and, in
+    `leave`, writes it out once pruned and frees it. `enter`/`leave` bracket every use of a layer (the OWL
+    statistics pass uses each layer once with pruned=False before the pruning pass)."""
+
+    def enter(self, index: int, layer: nn.Module) -> None:
+        pass
+
+    def leave(self, index: int, layer: nn.Module, *, pruned: bool) -> None:
+        pass
+
+
 def _module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
     """Where the module's parameters live (`default` for a module without any, e.g. OLMo's LayerNorm)."""
     param = next(module.parameters(), None)
@@ -193,7 +206,7 @@ def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Modu
     return per_layer
 
 
-def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device) -> dict[int, float]:
+def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access) -> dict[int, float]:
     """Per-layer sparsity: uniform, or OWL from a dense pass measuring |W|·‖x‖ outliers."""
     if cfg.allocation == "uniform":
         return allocation.uniform(list(range(len(per_layer))), cfg.target)
@@ -201,6 +214,7 @@ def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_devic
     ratios, floors = {}, {}
     for i, layer in enumerate(tqdm(layers, desc="owl: outlier ratios", disable=_progress_disabled())):
         linears = per_layer[i]
+        access.enter(i, layer)
         dev = device or _module_device(layer)
         home = _module_device(layer)
         layer.to(dev)
@@ -216,6 +230,7 @@ def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_devic
             floors[i] = _base_sparsity(base_masks, linears)
         calib = outputs
         layer.to(home)
+        access.leave(i, layer, pruned=False)
     targets = allocation.owl(ratios, cfg.target, lam=cfg.owl_lambda, floors=floors)
     log.info("OWL per-layer targets: %s", {i: round(t, 4) for i, t in targets.items()})
     return targets
@@ -266,9 +281,11 @@ def _solve_group(group, linears, hessian, info, target, cfg, base_masks, layer_i
 
 @torch.no_grad()
 def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_masks: MaskSet | None = None,
-                device: torch.device | str | None = None) -> PruneResult:
+                device: torch.device | str | None = None, access: LayerAccess | None = None) -> PruneResult:
     """Prune the model's decoder linears in place, layer by layer, each calibrated on the pruned
-    predecessors' outputs; `device` None computes each layer where it lives."""
+    predecessors' outputs; `device` None computes each layer where it lives; `access` brackets each use of a
+    layer (default: the model is in memory)."""
+    access = access or LayerAccess()
     cfg.validate()
     start = time.perf_counter()
     family, layers = family_of(model), decoder_layers(model)
@@ -279,12 +296,13 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     try:
         store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
         calib = capture_layer_inputs(model, layers, calib_ids, batch_size=cfg.batch_size, store_device=store_device)
-        targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device)
+        targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access)
         masks, stats, layer_seconds = {}, [], []
         bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
         for i, layer in enumerate(bar):
             linears = per_layer[i]
             t0 = time.perf_counter()
+            access.enter(i, layer)
             dev = device or _module_device(layer)
             home = _module_device(layer)
             layer.to(dev)
@@ -302,6 +320,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             release(calib, i)
             layer.to(home)
             _synchronize(dev)
+            access.leave(i, layer, pruned=True)
             layer_seconds.append(time.perf_counter() - t0)
             log.info("layer %d pruned in %.2fs", i, layer_seconds[-1])
             failpoint("prune/layer")

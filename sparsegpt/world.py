@@ -1,0 +1,79 @@
+"""The process group a pass runs in: rank, size and the few collectives pruning and evaluation need.
+
+`World.current()` is the torch.distributed group when one is initialized (as under `accelerate launch`), else a
+world of one process, in which every collective is a no-op, so library code has one path for 1 and N processes.
+Work is split deterministically: `share(n)` gives rank r the contiguous items [r*n/size, (r+1)*n/size), and
+`owner(k)` assigns item k to rank k % size; a rank may get nothing (it still joins every collective).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def current(cls) -> World:
+        """The initialized default process group, or a world of one."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> range:
+        """This rank's contiguous share of n items (sizes differ by at most one; low ranks get the extra)."""
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
+
+    def owner(self, k: int) -> int:
+        """The rank that does item k (round robin)."""
+        return k % self.size
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum `tensor` over the ranks in place (no-op in a world of one); returns it."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast(self, tensor: Tensor, src: int) -> Tensor:
+        """Every rank's `tensor` (same shape and dtype everywhere) becomes src's, in place; returns it."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=src)
+        return tensor
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """src's picklable `obj`, on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def gather_objects(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        out: list[object] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def sum_scalar(world: World, value: float | int, dtype: torch.dtype = torch.float64) -> float:
+    """A Python number summed over the ranks."""
+    return float(world.all_reduce_sum(torch.tensor(value, dtype=dtype)))
