@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from sparsegpt.errors import UserError
 log = logging.getLogger(__name__)
 
 FORMAT = "sparsegpt-mask-v1"
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte value
 
 
 def mask_in_param_layout(module: nn.Module | ExpertLinear, mask: Tensor) -> Tensor:
@@ -132,14 +133,58 @@ def keep_mask_of(param: Tensor) -> KeepMask | None:
     return next((hook for hook in hooks.values() if isinstance(hook, KeepMask)), None)
 
 
-class MaskSet:
-    """Module name -> bool mask (CPU, (out, in), True = pruned) for the prunable linears of one model."""
+class PackedMasks(Mapping[str, Tensor]):
+    """Module name -> bool mask, held packed at 1 bit per weight (as on disk): every rank of a job keeps a
+    MaskSet, so an unpacked bool (8x larger) per rank would be the largest host buffer after the model. Each
+    lookup unpacks a fresh CPU tensor (no one shares it); the pruned counts are kept, so sparsity needs no unpacking."""
 
-    def __init__(self, masks: dict[str, Tensor]):
+    def __init__(self) -> None:
+        self._packed: dict[str, Tensor] = {}
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._pruned: dict[str, int] = {}
+
+    def add(self, name: str, mask: Tensor) -> None:
+        self.add_packed(name, pack_bits(mask.cpu()), tuple(mask.shape), int(mask.sum()))
+
+    def add_packed(self, name: str, packed: Tensor, shape: tuple[int, ...], pruned: int) -> None:
+        self._packed[name], self._shapes[name], self._pruned[name] = packed, tuple(shape), pruned
+
+    def __getitem__(self, name: str) -> Tensor:
+        numel = int(np.prod(self._shapes[name]))
+        bits = np.unpackbits(self._packed[name].numpy(), count=numel)
+        return torch.from_numpy(bits.view(np.bool_)).reshape(self._shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        return self._shapes[name]
+
+    def pruned(self, name: str) -> int:
+        return self._pruned[name]
+
+    def packed(self, name: str) -> Tensor:
+        return self._packed[name]
+
+    def nbytes(self) -> int:
+        """Bytes of the packed masks held."""
+        return sum(t.numel() for t in self._packed.values())
+
+
+class MaskSet:
+    """Module name -> bool mask (CPU, (out, in), True = pruned) for the prunable linears of one model; `masks`
+    maps names to masks (unpacked on lookup, held 1 bit per weight)."""
+
+    def __init__(self, masks: Mapping[str, Tensor]):
         for name, mask in masks.items():
             if mask.dtype != torch.bool or mask.dim() != 2:
                 raise UserError(f"mask for {name} must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
-        self.masks = {name: mask.cpu() for name, mask in masks.items()}
+        self.masks = PackedMasks()
+        for name, mask in masks.items():
+            self.masks.add(name, mask)
 
     @classmethod
     def from_model(cls, model: nn.Module, include: str | None = None, exclude: str | None = None, *,
@@ -190,8 +235,8 @@ class MaskSet:
         """UserError unless every masked module exists and its (out, in) weight shape equals its mask's."""
         for name, module in self.modules(model).items():
             shape = linear_shape(module)
-            if shape != tuple(self.masks[name].shape):
-                raise UserError(f"mask for {name} is {tuple(self.masks[name].shape)} but the weight is (out, in) = "
+            if shape != self.masks.shape(name):
+                raise UserError(f"mask for {name} is {self.masks.shape(name)} but the weight is (out, in) = "
                                 f"{shape}; use the mask saved with this model")
 
     @torch.no_grad()
@@ -218,13 +263,13 @@ class MaskSet:
 
     def sparsity(self) -> float:
         """Fraction of pruned weights over all masked linears."""
-        pruned = sum(int(m.sum()) for m in self.masks.values())
-        total = sum(m.numel() for m in self.masks.values())
+        pruned = sum(self.masks.pruned(name) for name in self.masks)
+        total = sum(int(np.prod(self.masks.shape(name))) for name in self.masks)
         return pruned / total if total else 0.0
 
     def per_module(self) -> dict[str, float]:
         """Fraction of pruned weights of each masked linear."""
-        return {name: float(m.float().mean()) for name, m in self.masks.items()}
+        return {name: self.masks.pruned(name) / int(np.prod(self.masks.shape(name))) for name in self.masks}
 
     def grad_hooks(self, model: nn.Module) -> list[RemovableHandle]:
         """Zero every masked weight's gradient at masked positions as autograd produces it (before accumulation,
@@ -246,8 +291,8 @@ class MaskSet:
     def save(self, path: str | os.PathLike) -> None:
         """Write the masks packed 1 bit per weight (safetensors, shapes in the metadata), atomically."""
         path = Path(path)
-        tensors = {name: pack_bits(m) for name, m in self.masks.items()}
-        shapes = {name: list(m.shape) for name, m in self.masks.items()}
+        tensors = {name: self.masks.packed(name) for name in self.masks}
+        shapes = {name: list(self.masks.shape(name)) for name in self.masks}
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "shapes": json.dumps(shapes)})
 
@@ -262,13 +307,14 @@ class MaskSet:
                 raise UserError(f"{path} is not a sparsegpt mask file (format {meta.get('format')!r}, "
                                 f"expected {FORMAT!r})")
             shapes = json.loads(meta["shapes"])
-            masks = {}
+            out = cls({})
             for name, shape in shapes.items():
                 numel = int(np.prod(shape))
-                packed = f.get_tensor(name).numpy()
-                if packed.size != (numel + 7) // 8:  # unpackbits would silently pad a short tensor with "kept"
-                    raise UserError(f"{path}: mask {name} holds {packed.size} bytes, shape {shape} needs "
-                                    f"{(numel + 7) // 8}; the file is truncated or corrupt")
-                bits = np.unpackbits(packed, count=numel)
-                masks[name] = torch.from_numpy(bits.astype(bool)).reshape(shape)
-        return cls(masks)
+                packed = f.get_tensor(name)
+                if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8 or len(shape) != 2:
+                    # unpackbits would silently pad a short tensor with "kept"
+                    raise UserError(f"{path}: mask {name} holds {packed.numel()} {packed.dtype} values, shape {shape} "
+                                    f"needs {(numel + 7) // 8} uint8 bytes; the file is truncated or corrupt")
+                pruned = int(_POPCOUNT[packed.numpy()].sum(dtype=np.int64))  # pack_bits pads with 0 = kept
+                out.masks.add_packed(name, packed.clone(), tuple(shape), pruned)
+        return out

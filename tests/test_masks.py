@@ -72,6 +72,23 @@ def test_save_load_roundtrip_is_bit_exact_and_packed(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask.safetensors"]  # no temp file left behind
 
 
+def test_masks_are_held_packed_and_lookups_are_fresh(tmp_path):
+    """Every rank of a job holds a MaskSet: it must cost 1 bit per weight in memory too, loaded or built."""
+    gen = torch.Generator().manual_seed(4)
+    dense = {"w1": torch.rand(300, 257, generator=gen) < 0.8, "w2": torch.rand(5, 3, generator=gen) < 0.5}
+    built = MaskSet(dense)
+    built.save(tmp_path / "m.safetensors")
+    loaded = MaskSet.load(tmp_path / "m.safetensors")
+    for masks in (built, loaded):
+        assert masks.masks.nbytes() == (300 * 257 + 7) // 8 + (15 + 7) // 8
+        assert masks.sparsity() == sum(int(m.sum()) for m in dense.values()) / (300 * 257 + 15)
+        assert masks.per_module()["w2"] == float(dense["w2"].double().mean())
+        got = masks.masks["w1"]
+        assert torch.equal(got, dense["w1"])
+        got.fill_(False)  # a lookup is the caller's own tensor
+        assert torch.equal(masks.masks["w1"], dense["w1"])
+
+
 def test_load_rejects_a_truncated_mask(tmp_path):
     from safetensors.torch import save_file
 
