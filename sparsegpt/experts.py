@@ -12,6 +12,7 @@ that saw N < m routed tokens gets H = 2/m · (Σ_own xxᵀ + (m − N) · S_pool
 to m with the mean outer product over all routed tokens of the same parameter in that layer (every expert's).
 N = 0 gives the pooled Hessian; m = 0 still pools an expert that saw nothing. The pooled share (m − N) / m is
 returned per matrix (`pooled_weight`, next to `tokens`) and logged, so it lands in the prune stats.
+Under a process group each rank accumulates its own share; `reduce` sums sums and counts before the rule.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from sparsegpt.architectures import ExpertLinear, fused_expert_params, linear_shape, param_shape
+from sparsegpt.distributed_prune import all_reduce_, all_reduce_ints
 from sparsegpt.errors import UserError
+from sparsegpt.world import World
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,17 @@ class ExpertHessians:
                 self._add(inputs, index, routed)
             if down in self.sums:
                 self._add(down, index, expert_intermediate(module, index, routed))
+
+    def reduce(self, world: World) -> None:
+        """Sum the per-expert sums, routed-token counts and calls over the ranks (before `result`: the
+        under-calibrated rule reads the counts of the whole calibration set)."""
+        for sums in self.sums.values():
+            all_reduce_(world, sums)
+        keys, calls = list(self.counts), list(self.calls)
+        flat = all_reduce_ints(world, [c for k in keys for c in self.counts[k]] + [self.calls[k] for k in calls])
+        for key in keys:
+            self.counts[key], flat = flat[:len(self.counts[key])], flat[len(self.counts[key]):]
+        self.calls = dict(zip(calls, flat))
 
     def result(self, min_tokens: int | None) -> tuple[dict[str, Tensor], dict[str, dict]]:
         """Per matrix name: H = 2/N Σ xxᵀ (the under-calibrated rule applied), and {tokens, expert, pooled_weight}."""

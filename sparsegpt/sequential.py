@@ -5,7 +5,9 @@ The inputs of layer 0 and whatever arguments the model passes each layer (its ow
 position ids, rotary cos/sin per layer type, alibi, ...) are captured from the model's own forward
 (`sparsegpt.capture`), so no per-family driver code is needed and models mixing attention types are replayed
 exactly. Fused MoE experts get one Hessian per expert from the tokens routed to it (`sparsegpt.experts`).
-Only the current layer is moved to `device`.
+Only the current layer is moved to `device`. Under a process group every rank takes part: its share of the
+calibration rows, Hessians summed by all-reduce, the layer's groups solved round robin and broadcast
+(`sparsegpt.distributed_prune`); a world of one is the single-process pass.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from sparsegpt.architectures import (
 )
 from sparsegpt.baselines import PRUNERS
 from sparsegpt.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
+from sparsegpt.distributed_prune import RankPass
 from sparsegpt.errors import UserError
 from sparsegpt.experts import ExpertHessians
 from sparsegpt.failpoints import failpoint
 from sparsegpt.masks import MaskSet
 from sparsegpt.solver import inverse_hessian_factor, prune_group_with_factor, reconstruction_error
+from sparsegpt.world import World
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +103,15 @@ class PruneConfig:
 @dataclass
 class PruneResult:
     """The masks of the pruned linears, per-linear stats ({name, layer, target, sparsity, seconds, error, tokens,
-    expert, pooled_weight}), wall seconds per decoder layer (forwards + solves) and in total."""
+    expert, pooled_weight, rank}: `rank` solved it), this rank's wall seconds per decoder layer (forwards + solves)
+    and in total, and the world: {size, ranks: per rank {rank, calibration_rows, groups, linears, seconds: {forward,
+    communication, solve, propagate}}}."""
 
     masks: MaskSet
     stats: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     layer_seconds: list[float] = field(default_factory=list)
+    world: dict = field(default_factory=dict)
 
 
 class LayerAccess:
@@ -148,11 +155,11 @@ def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, 
     return groups + [[n] for n in names if n not in grouped]
 
 
-def _accumulate(layer, index, batches, linears, groups, device, *, diag_only: bool, min_expert_tokens=None,
-                outputs_to=None) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch]]:
+def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *, diag_only: bool,
+                min_expert_tokens=None, outputs_to=None) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch]]:
     """One forward of layer `index` with a pre-hook per input group (per fused experts module for expert
-    matrices); returns per group leader H = 2/N Σ xxᵀ (float32), or only its diagonal when diag_only, its
-    {tokens, expert, pooled_weight}, and the layer's outputs if outputs_to."""
+    matrices); returns per group leader H = 2/N Σ xxᵀ (float32; sums and N over all ranks), or only its diagonal
+    when diag_only, its {tokens, expert, pooled_weight}, and the layer's outputs (this rank's) if outputs_to."""
     sums, counts, handles = {}, {}, []
     experts = ExpertHessians({g[0]: linears[g[0]] for g in groups if isinstance(linears[g[0]], ExpertLinear)},
                              device, diag_only=diag_only)
@@ -176,13 +183,15 @@ def _accumulate(layer, index, batches, linears, groups, device, *, diag_only: bo
     handles += experts.attach()
     outputs = []
     try:
-        for b in batches:
-            out = forward_layer(layer, index, b, device)
-            if outputs_to is not None:
-                outputs.append(replace(b, hidden=out.to(outputs_to)))
+        with run.timing("forward"):
+            for b in batches:
+                out = forward_layer(layer, index, b, device)
+                if outputs_to is not None:
+                    outputs.append(replace(b, hidden=out.to(outputs_to)))
     finally:
         for h in handles:
             h.remove()
+    counts = run.reduce(sums, counts, experts)
     silent = [k for k in sums if not counts[k]]
     if silent:
         raise UserError(f"{', '.join(silent)} never ran in the decoder layer's forward; exclude it (--exclude) "
@@ -206,7 +215,8 @@ def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Modu
     return per_layer
 
 
-def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access) -> dict[int, float]:
+def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access,
+                   run: RankPass) -> dict[int, float]:
     """Per-layer sparsity: uniform, or OWL from a dense pass measuring |W|·‖x‖ outliers."""
     if cfg.allocation == "uniform":
         return allocation.uniform(list(range(len(per_layer))), cfg.target)
@@ -220,7 +230,7 @@ def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_devic
         layer.to(dev)
         groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs, True)
         last = i == len(layers) - 1
-        diags, _, outputs = _accumulate(layer, i, calib, linears, groups, dev, diag_only=True,
+        diags, _, outputs = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=True,
                                         min_expert_tokens=cfg.min_expert_tokens,
                                         outputs_to=None if last else store_device)
         if linears:
@@ -253,9 +263,9 @@ def _check_base_masks(base_masks: MaskSet | None, per_layer: list[dict], model: 
                         "prune the same linears (--include/--exclude) in every stage")
 
 
-def _solve_group(group, linears, hessian, info, target, cfg, base_masks, layer_idx, masks, stats) -> None:
+def _solve_group(group, linears, hessians, info, target, cfg, base_masks, layer_idx, masks, stats) -> None:
     """Prune the linears that share one Hessian; SparseGPT factors it once and runs one column loop for the group."""
-    dtype = getattr(torch, cfg.dtype)
+    dtype, hessian, info = getattr(torch, cfg.dtype), hessians[group[0]], info[group[0]]
     t0 = time.perf_counter()
     weights = [weight_as_linear(linears[name]) for name in group]
     bases = [None if base_masks is None else base_masks.masks[name].to(w.device) for name, w in zip(group, weights)]
@@ -281,12 +291,15 @@ def _solve_group(group, linears, hessian, info, target, cfg, base_masks, layer_i
 
 @torch.no_grad()
 def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_masks: MaskSet | None = None,
-                device: torch.device | str | None = None, access: LayerAccess | None = None) -> PruneResult:
+                device: torch.device | str | None = None, access: LayerAccess | None = None,
+                world: World | None = None) -> PruneResult:
     """Prune the model's decoder linears in place, layer by layer, each calibrated on the pruned
     predecessors' outputs; `device` None computes each layer where it lives; `access` brackets each use of a
-    layer (default: the model is in memory)."""
+    layer (default: the model is in memory). Every rank of `world` (default: `World.current()`) must call it
+    with the same model, calibration set and config; each ends with the same weights and result."""
     access = access or LayerAccess()
     cfg.validate()
+    run = RankPass(world or World.current())
     start = time.perf_counter()
     family, layers = family_of(model), decoder_layers(model)
     per_layer = _layer_linears(model, cfg)
@@ -295,8 +308,10 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     model.eval()
     try:
         store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
-        calib = capture_layer_inputs(model, layers, calib_ids, batch_size=cfg.batch_size, store_device=store_device)
-        targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access)
+        own_ids = run.calibration_share(calib_ids)
+        calib = capture_layer_inputs(model, layers, own_ids, batch_size=cfg.batch_size,
+                                     store_device=store_device) if len(own_ids) else []
+        targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access, run)
         masks, stats, layer_seconds = {}, [], []
         bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
         for i, layer in enumerate(bar):
@@ -309,14 +324,14 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
                                    cfg.shared_hessian)
             if groups:  # a layer the include/exclude filters left empty is only propagated
-                hessians, info, _ = _accumulate(layer, i, calib, linears, groups, dev, diag_only=False,
+                hessians, info, _ = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
                                                 min_expert_tokens=cfg.min_expert_tokens)
-                for group in groups:
-                    _solve_group(group, linears, hessians[group[0]], info[group[0]], targets[i], cfg, base_masks, i,
-                                 masks, stats)
+                run.solve_layer(groups, linears, masks, stats, lambda group, out: _solve_group(
+                    group, linears, hessians, info, targets[i], cfg, base_masks, i, masks, out))
                 del hessians
             if i < len(layers) - 1:
-                calib = run_layer(layer, i, calib, dev, store_device)
+                with run.timing("propagate"):
+                    calib = run_layer(layer, i, calib, dev, store_device)
             release(calib, i)
             layer.to(home)
             _synchronize(dev)
@@ -327,7 +342,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     finally:
         model.train(was_training)
     return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start,
-                       layer_seconds=layer_seconds)
+                       layer_seconds=layer_seconds, world=run.record())
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ Work is split deterministically: `share(n)` gives rank r the contiguous items [r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +78,23 @@ class World:
 def sum_scalar(world: World, value: float | int, dtype: torch.dtype = torch.float64) -> float:
     """A Python number summed over the ranks."""
     return float(world.all_reduce_sum(torch.tensor(value, dtype=dtype)))
+
+
+def init_from_env() -> World:
+    """Under torchrun / `accelerate launch` (WORLD_SIZE > 1 in the environment) initialize the default process
+    group if nothing did yet: NCCL with this process's LOCAL_RANK GPU as its device when CUDA is available, else
+    gloo. Returns `World.current()` (a world of one without a launcher); calling it again changes nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return World.current()
+
+
+def collective_device(device: torch.device | str) -> torch.device:
+    """Where a tensor on `device` must be to join a collective: the current GPU under NCCL, else `device`."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)

@@ -5,6 +5,10 @@ and `sparsity.json` (overall and per-linear sparsity; per matrix its time, recon
 tokens and, for MoE experts, the expert index and the share of the layer's pooled Hessian it was given).
 MoE models: every expert is pruned with its own Hessian from the tokens routed to it; routers and shared
 experts stay dense unless --prune-router / --prune-shared-experts.
+Under torchrun or `accelerate launch` every process prunes (its share of the calibration set, its share of
+each layer's solves; gloo on CPU, NCCL with one GPU per process) and sparsity.json records each rank's share
+under "world"; the main process writes the folder, the others wait. Bad input fails on every rank, before
+anything is written.
 
 examples:
   sparsegpt prune --model smollm2-135m --sparsity 0.5 --calib stdlib-docs --nsamples 32 --seqlen 256 --out out/s50
@@ -22,17 +26,22 @@ import argparse
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 
 from sparsegpt.data import calibration_ids, check_source, default_seqlen
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
 from sparsegpt.models import check_model, load_model, save_model
 from sparsegpt.sequential import PruneConfig, prune_model
+from sparsegpt.world import World, init_from_env
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,28 +115,71 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--base-mask {args.base_mask} is not a file; pass the mask.safetensors of the earlier stage")
 
 
+def _on_every_rank(world: World, step: Callable[[], T]) -> T:
+    """Run `step` on every rank; if it failed on any, fail on all (the same UserError message everywhere)."""
+    try:
+        value, error = step(), None
+    except Exception as e:
+        value, error = None, e
+    failed = [(r, e) for r, e in enumerate(world.gather_objects(
+        None if error is None else (isinstance(error, UserError), str(error).splitlines()[0] if str(error) else "")
+    )) if e is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, (user, message) = failed[0]
+        raise UserError(message) if user else RuntimeError(f"rank {rank} failed: {message}")
+    return value
+
+
+def _device(arg: str | None, world: World) -> str:
+    """--device, default cuda if available else cpu; under a multi-process launch, cuda is this rank's GPU."""
+    device = arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    return f"cuda:{torch.cuda.current_device()}" if device == "cuda" and world.size > 1 else device
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load, calibrate, prune, verify, and write the folder atomically."""
+    """Join the launch's process group (if any), prune on every rank, write the folder on the main one."""
+    owned = not dist.is_initialized()
+    world = init_from_env()
+    try:
+        return _run(args, world)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _prepare(args: argparse.Namespace):
     cfg = _config(args)
     _check_args(args)
     base = MaskSet.load(args.base_mask) if args.base_mask is not None else None
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    return (cfg, base, *load_model(args.model, dtype=args.dtype, device="cpu"))
+
+
+def _run(args: argparse.Namespace, world: World) -> int:
+    """Load, calibrate, prune, verify, and write the folder atomically."""
+    cfg, base, model, tokenizer = _on_every_rank(world, lambda: _prepare(args))
     seqlen = args.seqlen or default_seqlen(model)
-    calib = calibration_ids(args.calib, tokenizer, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = prune_model(model, calib, cfg, base_masks=base, device=device)
+    calib = _on_every_rank(world, lambda: calibration_ids(args.calib, tokenizer, nsamples=args.nsamples,
+                                                          seqlen=seqlen, seed=args.seed) if world.is_main else None)
+    calib = world.broadcast_object(calib)  # one calibration set, whatever each rank's tokenizer state
+    result = prune_model(model, calib, cfg, base_masks=base, device=_device(args.device, world), world=world)
+    if not world.is_main:
+        world.barrier()  # the main process writes the folder
+        return 0
     per_linear = result.masks.verify(model)
     report = {"model": args.model, "method": cfg.method, "target": cfg.target, "nm": args.nm,
               "allocation": cfg.allocation, "prune_router": cfg.prune_router,
               "prune_shared_experts": cfg.prune_shared_experts, "min_expert_tokens": cfg.min_expert_tokens,
               "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
               "sparsity": result.masks.sparsity(), "per_linear": per_linear, "stats": result.stats,
-              "seconds": result.seconds}
+              "seconds": result.seconds, "world": result.world}
     with tempfile.TemporaryDirectory() as tmp:
         result.masks.save(Path(tmp) / "mask.safetensors")
         extra = {"mask.safetensors": (Path(tmp) / "mask.safetensors").read_bytes(),
                  "sparsity.json": json.dumps(report, indent=1).encode()}
     save_model(model, tokenizer, args.out, extra_files=extra)
-    log.info("pruned %s to %.4f sparsity (%s, target %.4f) in %.1fs -> %s", args.model, report["sparsity"],
-             cfg.method, cfg.target, result.seconds, args.out)
+    log.info("pruned %s to %.4f sparsity (%s, target %.4f) in %.1fs on %d process(es) -> %s", args.model,
+             report["sparsity"], cfg.method, cfg.target, result.seconds, world.size, args.out)
+    world.barrier()
     return 0

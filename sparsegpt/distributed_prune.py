@@ -1,0 +1,139 @@
+"""The SparseGPT pass on every rank of a process group: what each rank does and how the ranks agree.
+
+H = 2/N Σ xxᵀ is a sum over calibration tokens, so each rank pushes only its contiguous share of the calibration
+sequences (`World.share`) through the current layer and accumulates the unnormalized Σ xxᵀ and token counts of its
+share; one all-reduce per statistic (dense Hessians, OWL's diagonals, per-expert Hessians and routed-token counts)
+sums them, and only then is H normalized (and the MoE under-calibrated rule applied, since it reads the counts). The
+layer's input groups are independent solves: group k is solved by rank `World.owner(k)` (round robin), then every
+pruned weight and its mask are broadcast from their owner, so every rank ends the layer with identical weights and
+identical, complete `masks` and `stats`; each rank then propagates its own share through the pruned layer.
+
+A rank with no calibration rows or no group still joins every collective (with zero sums). A world of one
+takes no collective at all: the pass is bit for bit the single-process one.
+
+Precision: the sums stay float32, as in the single-process pass. Across world sizes they differ only in float
+summation order (rounding ~1e-7 relative); float64 sums would double the Hessian memory (a 20480² float64
+Hessian is 3.4 GB instead of 1.7 GB) and cost ~2x on CPUs and far more on GPUs without fast FP64, and the masks
+they change are near-ties (see bench/results_distributed_prune.md for the measurements).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from sparsegpt.architectures import ExpertLinear, set_weight_from_linear, weight_as_linear
+from sparsegpt.world import World, collective_device
+
+
+def all_reduce_(world: World, tensor: Tensor) -> Tensor:
+    """Sum `tensor` over the ranks in place, through the backend's device (NCCL: the current GPU)."""
+    if world.size == 1:
+        return tensor
+    device = collective_device(tensor.device)
+    if device == tensor.device and tensor.is_contiguous():
+        return world.all_reduce_sum(tensor)
+    return tensor.copy_(world.all_reduce_sum(tensor.to(device).contiguous()))
+
+
+def all_reduce_ints(world: World, values: list[int]) -> list[int]:
+    """Integers summed over the ranks (one collective for the whole list)."""
+    if world.size == 1:
+        return list(values)
+    totals = torch.tensor(values, dtype=torch.int64, device=collective_device("cpu"))
+    return world.all_reduce_sum(totals).tolist()
+
+
+def _broadcast_linear(world: World, module: nn.Module | ExpertLinear, name: str, masks: dict[str, Tensor],
+                      src: int) -> None:
+    """The owner's pruned (out, in) weight and mask of `name`, on every rank."""
+    weight = weight_as_linear(module)
+    device = collective_device(weight.device)
+    if world.rank == src:
+        world.broadcast(weight.to(device).contiguous(), src)
+        world.broadcast(masks[name].to(device=device, dtype=torch.uint8), src)
+        return
+    received = world.broadcast(torch.empty(weight.shape, dtype=weight.dtype, device=device), src)
+    set_weight_from_linear(module, received)
+    masks[name] = world.broadcast(torch.empty(weight.shape, dtype=torch.uint8, device=device), src).bool().cpu()
+
+
+SolveGroup = Callable[[list[str], list[dict]], None]  # (group, stats out): prunes it in place, fills masks
+
+
+@dataclass
+class RankPass:
+    """This rank's part of one pruning pass: the world, and what the rank did (`record()` gathers every rank's)."""
+
+    world: World
+    calibration_rows: int = 0
+    groups: int = 0
+    linears: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("forward", "communication", "solve", "propagate"), 0.0))
+
+    def calibration_share(self, calib_ids: Tensor) -> Tensor:
+        """This rank's contiguous share of the calibration rows (all of them in a world of one)."""
+        share = self.world.share(calib_ids.shape[0])
+        self.calibration_rows = len(share)
+        return calib_ids if self.world.size == 1 else calib_ids[share.start:share.stop]
+
+    @contextmanager
+    def timing(self, what: str) -> Iterator[None]:
+        """Add the wall time of the block to seconds[what] (queued CUDA kernels waited for)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.seconds[what] += time.perf_counter() - start
+
+    def reduce(self, sums: dict[str, Tensor], counts: dict[str, int], experts) -> dict[str, int]:
+        """Sum this layer's statistics over the ranks: `sums` in place, the token counts returned, and the
+        per-expert sums and counts of `experts` (an `ExpertHessians`) in place."""
+        if self.world.size == 1:
+            return counts
+        with self.timing("communication"):
+            for tensor in sums.values():
+                all_reduce_(self.world, tensor)
+            counts = dict(zip(counts, all_reduce_ints(self.world, list(counts.values()))))
+            experts.reduce(self.world)
+        return counts
+
+    def solve_layer(self, groups: list[list[str]], linears: dict, masks: dict[str, Tensor], stats: list[dict],
+                    solve: SolveGroup) -> None:
+        """Solve this rank's groups of the layer, then share every pruned weight, mask and stat with all ranks;
+        `stats` grows in group order, each entry carrying the `rank` that solved it."""
+        mine: dict[int, list[dict]] = {}
+        for k, group in enumerate(groups):
+            if self.world.owner(k) != self.world.rank:
+                continue
+            with self.timing("solve"):
+                solve(group, mine.setdefault(k, []))
+            for entry in mine[k]:
+                entry["rank"] = self.world.rank
+            self.groups += 1
+            self.linears += len(group)
+        if self.world.size == 1:
+            stats.extend(entry for k in range(len(groups)) for entry in mine[k])
+            return
+        with self.timing("communication"):
+            for k, group in enumerate(groups):
+                for name in group:
+                    _broadcast_linear(self.world, linears[name], name, masks, self.world.owner(k))
+            solved = self.world.gather_objects(mine)
+        for name in (name for group in groups for name in group):  # one insertion order on every rank: the
+            masks[name] = masks.pop(name)                           # groups' (collectives iterate the masks)
+        stats.extend(entry for k in range(len(groups)) for entry in solved[self.world.owner(k)][k])
+
+    def record(self) -> dict:
+        """{size, ranks: per rank {rank, calibration_rows, groups, linears, seconds}} (a collective)."""
+        own = dict(rank=self.world.rank, calibration_rows=self.calibration_rows, groups=self.groups,
+                   linears=self.linears, seconds={k: round(v, 4) for k, v in self.seconds.items()})
+        return {"size": self.world.size, "ranks": self.world.gather_objects(own)}
