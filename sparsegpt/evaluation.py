@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (SparseGPT protocol), sparsity report, greedy samples, lm-eval tasks, and the
+"""Evaluation: sparsity report, greedy samples, lm-eval tasks (perplexity: `sparsegpt/perplexity.py`), and the
 hooks a recipe lists to run them after each phase.
 
 A hook is a dict with a `type` and its options:
@@ -15,107 +15,45 @@ A custom hook is called as `fn(model, tokenizer, *, context: HookContext, **args
 `dict[str, float | str | list]`; its name defaults to the function's name. The hook types, their options and
 runners are registered in `sparsegpt/hooks.py`; the runners (`run_<type>_hook`) are at the end of this module.
 
-Interface: `run_hooks(model, tokenizer, hooks, context, *, fail_fast=False) -> (metrics, errors)`, `perplexity`,
-`sparsity_report`, `generate_samples`, `lm_eval_tasks` (each with `device=None`: run where the model is, else
-move it there; layerwise perplexity moves one layer at a time).
+Interface: `run_hooks(model, tokenizer, hooks, context, *, fail_fast=False) -> (metrics, errors)` (and
+`evaluate_hooks`, which also returns each distributed hook's per-rank shares), `perplexity` /
+`distributed_perplexity`, `sparsity_report`, `generate_samples`, `lm_eval_tasks` (each with `device=None`: run where
+the model is, else move it there; layerwise perplexity moves one layer at a time).
+
+Several processes (`World.current()` has more than one rank): call `run_hooks` on every rank with the same model
+and hooks. Perplexity splits its windows over the ranks; every other hook type runs on rank 0 alone (lm-eval too:
+its HFLM, given a built model, forces rank 0 of 1 and shards nothing) and every rank returns rank 0's results.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsegpt.architectures import decoder_layers, prunable_linears, weight_as_linear
 from sparsegpt.data import default_seqlen, eval_ids
 from sparsegpt.errors import UserError
-from sparsegpt.hooks import HookContext, hook_name, require_lm_eval, resolve_callable, runner, validate_hooks
-from sparsegpt.sequential import layerwise_hidden_states
+from sparsegpt.hooks import HOOKS, HookContext, hook_name, require_lm_eval, resolve_callable, runner, validate_hooks
+from sparsegpt.perplexity import RankFailed, distributed_perplexity, eval_mode, on_every_rank, perplexity, place
+from sparsegpt.world import World
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from sparsegpt.masks import MaskSet
 
+__all__ = ["HookResults", "evaluate_hooks", "generate_samples", "lm_eval_tasks", "perplexity", "run_hooks",
+           "sparsity_report"]  # perplexity: re-exported from sparsegpt.perplexity for the callers that import it here
+
 logger = logging.getLogger(__name__)
 
 NM_PATTERNS = ((2, 4), (4, 8))
-
-
-# -- perplexity ---------------------------------------------------------------------------------------------
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _place(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """The device to run on: `device` (the model is moved there) or, when None, where the model is."""
-    if device is None:
-        return _model_device(model)
-    model.to(device)
-    return torch.device(device)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """eval() and no_grad (not inference_mode: parameters moved to a device inside must stay trainable)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _logits_batches(model, input_ids, batch_size, device, layerwise) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(window ids, logits) batch by batch, the whole model at once or one decoder layer at a time."""
-    if not layerwise:
-        dev = _place(model, device)
-        for ids in input_ids.split(batch_size):
-            yield ids, model(ids.to(dev), use_cache=False).logits
-        return
-    dev = torch.device(device) if device is not None else _model_device(model)
-    hidden = layerwise_hidden_states(model, input_ids, device=dev, batch_size=batch_size)
-    head = model.get_output_embeddings()
-    home = head.weight.device
-    head.to(dev)
-    try:
-        start = 0
-        for h in hidden:
-            yield input_ids[start:start + h.shape[0]], head(h.to(dev, head.weight.dtype))
-            start += h.shape[0]
-    finally:
-        head.to(home)
-    if start != input_ids.shape[0]:
-        raise RuntimeError(f"layerwise_hidden_states returned {start} windows for {input_ids.shape[0]} inputs")
-
-
-def perplexity(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 4,
-               device: str | torch.device | None = None, layerwise: bool = False) -> float:
-    """exp(mean NLL) over every predicted token of the (n, seqlen) windows: n·(seqlen−1) predictions."""
-    if input_ids.dim() != 2 or input_ids.shape[1] < 2 or input_ids.shape[0] < 1:
-        raise UserError(f"perplexity needs input_ids shaped (windows, seqlen >= 2), got {tuple(input_ids.shape)}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    if layerwise and getattr(model.config, "final_logit_softcapping", None):
-        raise UserError("layerwise perplexity applies only the lm_head, but this model soft-caps its logits; "
-                        "use layerwise=False")
-    nll, count = torch.zeros((), dtype=torch.float64), 0
-    with _eval_mode(model):
-        for ids, logits in _logits_batches(model, input_ids, batch_size, device, layerwise):
-            labels = ids[:, 1:].to(logits.device)
-            losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none")
-            nll += losses.double().sum().cpu()
-            count += labels.numel()
-    return math.exp(nll.item() / count)
 
 
 # -- sparsity -----------------------------------------------------------------------------------------------
@@ -188,10 +126,10 @@ def sparsity_report(model: nn.Module, masks: MaskSet | None = None) -> dict:
 def generate_samples(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 32,
                      device: str | torch.device | None = None) -> list[dict]:
     """Greedy continuations, one prompt at a time: [{"prompt", "completion"}]."""
-    dev = _place(model, device)
+    dev = place(model, device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     samples = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for prompt in prompts:
             enc = tokenizer(prompt, return_tensors="pt").to(dev)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -217,8 +155,8 @@ def lm_eval_tasks(model: nn.Module, tokenizer, tasks: list[str], *, num_fewshot:
     if unknown:
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}: looked up in lm-eval's built-in tasks"
                         f" and include_path={include_path!r}; pass include_path=DIR holding their YAML")
-    _place(model, device)
-    with _eval_mode(model):
+    place(model, device)
+    with eval_mode(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=False)
@@ -234,17 +172,26 @@ def lm_eval_tasks(model: nn.Module, tokenizer, tasks: list[str], *, num_fewshot:
 
 # -- hooks --------------------------------------------------------------------------------------------------
 
-def run_perplexity_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: dict, ctx: HookContext) -> dict:
-    """`perplexity` hook: "ppl/<source>" on the source's evaluation windows."""
-    ids = eval_ids(hook["source"], tokenizer, seqlen=hook.get("seqlen") or default_seqlen(model),
-                   split=hook.get("split", "test"), max_windows=hook.get("max_windows"))
-    value = perplexity(model, ids, batch_size=hook.get("batch_size", 4), device=ctx.device,
-                       layerwise=hook.get("layerwise", False))
-    return {hook_name(hook): value}
+def run_perplexity_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: dict,
+                        ctx: HookContext) -> tuple[dict, list[int]]:
+    """`perplexity` hook, on every rank: "ppl/<source>" on the source's evaluation windows, split over the ranks;
+    and the windows each rank evaluated."""
+    def windows() -> torch.Tensor:  # loaded inside the step that makes a failing rank stop every rank
+        return eval_ids(hook["source"], tokenizer, seqlen=hook.get("seqlen") or default_seqlen(model),
+                        split=hook.get("split", "test"), max_windows=hook.get("max_windows"))
+
+    result = distributed_perplexity(model, windows, batch_size=hook.get("batch_size", 4), device=ctx.device,
+                                    layerwise=hook.get("layerwise", False))
+    return {hook_name(hook): result.value}, result.windows
 
 
 def run_lm_eval_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: dict, ctx: HookContext) -> dict:
-    """`lm_eval` hook: "lm_eval/<task>/<metric>" for each task."""
+    """`lm_eval` hook: "lm_eval/<task>/<metric>" for each task. Main process only: lm-eval's HFLM, given a built
+    model, sets rank 0 of 1 and shards nothing (its data parallelism needs it to load the model by name)."""
+    world = World.current()
+    if world.size > 1:
+        logger.info("lm-eval runs on the main process only (HFLM does not shard requests for a model it is "
+                    "handed); the other %d rank(s) wait", world.size - 1)
     results = lm_eval_tasks(model, tokenizer, hook["tasks"], num_fewshot=hook.get("num_fewshot", 0),
                             limit=hook.get("limit"), include_path=hook.get("include_path"),
                             batch_size=hook.get("batch_size", 1), device=ctx.device)
@@ -272,20 +219,55 @@ def run_custom_hook(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: 
     return {f"{hook_name(hook)}/{k}": v for k, v in out.items()}
 
 
-def run_hooks(model: nn.Module, tokenizer, hooks: list[dict], context: HookContext, *,
-              fail_fast: bool = False) -> tuple[dict, dict]:
-    """Run each hook; returns (metrics, errors). A failing hook is logged and recorded unless fail_fast."""
-    validate_hooks(hooks)
-    metrics, errors = {}, {}
+@dataclass
+class HookResults:
+    """What the hooks produced: metrics, errors (hook name -> message), each distributed hook's per-rank shares."""
+
+    metrics: dict = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    shares: dict[str, list[int]] = field(default_factory=dict)  # e.g. {"ppl/wikitext2": [windows of rank 0, ...]}
+    world_size: int = 1
+
+
+def evaluate_hooks(model: nn.Module, tokenizer, hooks: list[dict], context: HookContext, *, fail_fast: bool = False,
+                   world: World | None = None) -> HookResults:
+    """Run each hook where its type says (`hooks.HookType.ranks`); with several ranks, call it on every rank.
+
+    A failing hook is logged and recorded unless fail_fast (then every rank raises). "main" hooks run on rank 0
+    and their outcome is broadcast after each; "all" hooks fail on every rank or none (`on_every_rank`). Every
+    rank returns rank 0's results."""
+    world = world or World.current()
+    on_every_rank(world, lambda: validate_hooks(hooks))  # a bad hook stops every rank, before any collective
+    out = HookResults(world_size=world.size)
     for hook in hooks:
-        name = hook_name(hook)
-        t0 = time.time()
-        try:
-            metrics.update(runner(hook)(model, tokenizer, hook, context))
-        except Exception as e:  # a hook's failure must not cost the run; it is recorded in metrics.jsonl
+        name, ranks, t0 = hook_name(hook), HOOKS[hook["type"]].ranks, time.time()
+        error: Exception | None = None
+        if ranks == "all" or world.is_main:
+            try:
+                result = runner(hook)(model, tokenizer, hook, context)
+                metrics, shares = result if ranks == "all" else (result, None)
+                out.metrics.update(metrics)
+                if shares is not None:
+                    out.shares[name] = shares
+            except Exception as e:  # a hook's failure must not cost the run; it is recorded in metrics.jsonl
+                error = e
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        if ranks == "main":  # the others learn rank 0's outcome, so that under fail_fast they stop with it
+            message = world.broadcast_object(message)
+        if message is not None:
             if fail_fast:
-                raise
-            logger.exception("eval hook %s failed (stage %s, %s)", name, context.stage, context.phase)
-            errors[name] = f"{type(e).__name__}: {e}"
+                raise error if error is not None else RankFailed(f"eval hook {name} failed on rank 0: {message}")
+            if error is not None:
+                logger.error("eval hook %s failed (stage %s, %s)", name, context.stage, context.phase, exc_info=error)
+            out.errors[name] = message
         logger.info("eval hook %s: %.1fs", name, time.time() - t0)
-    return metrics, errors
+    out.metrics, out.errors, out.shares = world.broadcast_object((out.metrics, out.errors, out.shares))
+    return out
+
+
+def run_hooks(model: nn.Module, tokenizer, hooks: list[dict], context: HookContext, *,
+              fail_fast: bool = False, world: World | None = None) -> tuple[dict, dict]:
+    """Run each hook; returns (metrics, errors). A failing hook is logged and recorded unless fail_fast.
+    With several ranks, every rank calls it and gets the same results (`evaluate_hooks`)."""
+    out = evaluate_hooks(model, tokenizer, hooks, context, fail_fast=fail_fast, world=world)
+    return out.metrics, out.errors

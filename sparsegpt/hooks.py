@@ -4,6 +4,12 @@ A hook is a dict with a `type` and its options (see `HOOKS`). Runners are named 
 not imported, so recipe validation stays free of torch and transformers; `runner(kind)` resolves them the same
 way a `custom` hook's `path` is resolved. A runner is called as `fn(model, tokenizer, hook, context) -> dict`.
 
+Ranks (`HookType.ranks`), when `evaluation.run_hooks` is called on every rank of a multi-process job: "main" hooks
+run on rank 0 alone and the others receive their outcome (samples, sparsity, lm-eval, custom hooks: a custom hook
+is a main-process function and must not use collectives); "all" hooks run on every rank and split their work over
+the ranks (perplexity). An "all" runner returns `(metrics, shares)`, shares = the work each rank did, in rank
+order, and must reach its collectives on every rank or fail on every rank (see `evaluation.on_every_rank`).
+
 To add a hook type: one `HookType` entry below and its runner function (built-in ones live in
 `sparsegpt/evaluation.py`, named `run_<type>_hook`).
 """
@@ -22,18 +28,21 @@ from sparsegpt.errors import UserError
 
 @dataclass(frozen=True)
 class HookType:
-    """Options of one hook type; `recipe_fills` are required keys a recipe may omit (it fills them in)."""
+    """Options of one hook type; `recipe_fills` are required keys a recipe may omit (it fills them in); `ranks`
+    says where it runs in a multi-process job: "main" (rank 0, outcome broadcast) or "all" (distributed)."""
 
     required: frozenset[str]
     optional: frozenset[str]
     runner: str
     recipe_fills: frozenset[str] = frozenset()
+    ranks: str = "main"
 
 
 HOOKS: dict[str, HookType] = {
     "perplexity": HookType(frozenset({"source"}), frozenset({"seqlen", "max_windows", "layerwise", "batch_size",
                                                              "split"}),
-                           "sparsegpt.evaluation:run_perplexity_hook", recipe_fills=frozenset({"source"})),
+                           "sparsegpt.evaluation:run_perplexity_hook", recipe_fills=frozenset({"source"}),
+                           ranks="all"),
     "lm_eval": HookType(frozenset({"tasks"}), frozenset({"num_fewshot", "limit", "include_path", "batch_size"}),
                         "sparsegpt.evaluation:run_lm_eval_hook"),
     "sparsity": HookType(frozenset(), frozenset(), "sparsegpt.evaluation:run_sparsity_hook"),
