@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+from sparsegpt.architectures import prunable_linears
+from sparsegpt.masks import MaskSet
 from sparsegpt.memory import GIB, estimate
 from sparsegpt.models import DEMO_MODEL, load_model, resolve_model_path, save_model
 from sparsegpt.recipe import Recipe
@@ -101,14 +103,31 @@ def estimator_numbers(config, model: str, name: str, args: argparse.Namespace) -
             "parts_mb": {k: round(v * GIB / 2**20, 1) for k, v in step.items() if k not in ("stage", "device", "cpu")}}
 
 
-def worker_command(name: str, model: str, out: Path, args: argparse.Namespace) -> tuple[list[str], dict]:
+def magnitude_pruned(model: str, folder: Path, dtype: str, sparsity: float = 0.5) -> Path:
+    """The model with the smallest-|w| fraction of each prunable linear zeroed (a cheap stand-in for a pruned
+    stage), saved to `folder` with its mask.safetensors, as a stage's pruned/ folder is."""
+    dense, tokenizer = load_model(model, dtype=dtype)
+    with torch.no_grad():
+        for module in prunable_linears(dense).values():
+            w = module.weight
+            k = int(sparsity * w.numel())
+            if k:
+                w[w.abs() <= w.abs().flatten().kthvalue(k).values] = 0
+    save_model(dense, tokenizer, folder)
+    MaskSet.from_model(dense).save(folder / "mask.safetensors")
+    return folder
+
+
+def worker_command(name: str, model: str, out: Path, args: argparse.Namespace,
+                   pruned: Path | None = None) -> tuple[list[str], dict]:
     task, zero, world, kd = CONFIGS[name]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEGPT_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore",
+           **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
                p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     worker = [str(WORKER), "--task", task, "--model", model, "--dtype", args.dtype, "--steps", str(args.steps),
               "--seqlen", str(args.seqlen), "--micro-batch", str(args.micro_batch), "--nsamples", str(args.nsamples),
-              "--out", str(out), *(["--kd"] if kd else [])]
+              "--out", str(out), *(["--kd"] if kd else []), *(["--pruned", str(pruned)] if pruned else [])]
     if zero is None:
         return [sys.executable, *worker], env
     env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})  # the CPU form of the configs' headers
@@ -136,6 +155,8 @@ def report(results: dict, meta: dict) -> str:
              f"- date: {meta['date']}; load average (1/5/15 min) at start {meta['load_start']}, at end "
              f"{meta['load_end']}",
              f"- command: `{meta['command']}`",
+             f"- allocator: glibc, MALLOC_MMAP_THRESHOLD_={meta['mmap_threshold']}" if meta.get("mmap_threshold")
+             else "- allocator: glibc defaults (dynamic mmap threshold)",
              f"- settings: seqlen {meta['seqlen']}, {meta['steps']} fine-tune steps, micro batch "
              f"{meta['micro_batch']}, fp32, prune: SparseGPT 50 % on {meta['nsamples']} calibration rows; "
              "fine-tune: 50 % magnitude mask, AdamW (DeepSpeed's under ZeRO), KD = logit KL from the dense model",
@@ -195,6 +216,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--nsamples", type=int, default=4, help="calibration rows of the prune run")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in every worker: allocations above it are "
+                             "mmapped and given back to the OS when freed (0: glibc's default, a dynamic threshold)")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--json", type=Path, help="also write the raw per-rank results as JSON here")
     args = parser.parse_args()
@@ -213,10 +237,12 @@ def main() -> None:
         else:
             model = args.model
         config = AutoConfig.from_pretrained(resolve_model_path(model))
+        pruned = magnitude_pruned(model, tmp / "pruned", args.dtype) if any(
+            CONFIGS[n][0] == "finetune" for n in names) else None
         results = {}
         for name in names:
             out = tmp / name
-            cmd, env = worker_command(name, model, out, args)
+            cmd, env = worker_command(name, model, out, args, pruned)
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
             t0 = time.time()
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -237,7 +263,7 @@ def main() -> None:
             "command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
             "model": args.random_llama and f"random-init Llama {args.random_llama}" or args.model, "params": params,
             "dtype": args.dtype, "seqlen": args.seqlen, "steps": args.steps, "micro_batch": args.micro_batch,
-            "nsamples": args.nsamples}
+            "nsamples": args.nsamples, "mmap_threshold": args.mmap_threshold}
     text = report(results, meta)
     print(text)
     if args.out is not None:

@@ -1,9 +1,12 @@
 """One process of `bench/memory.py`: prune or fine-tune once, then report this process's peak host memory.
 
     python bench/memory_worker.py --task prune --model smollm2-135m --out OUT_DIR
-    python bench/memory_worker.py --task finetune [--kd] --model smollm2-135m --out OUT_DIR
+    python bench/memory_worker.py --task finetune [--kd] --model smollm2-135m --pruned PRUNED_DIR --out OUT_DIR
     DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 2 \\
-        bench/memory_worker.py --task finetune --kd --model smollm2-135m --out OUT_DIR
+        bench/memory_worker.py --task finetune --kd --model smollm2-135m --pruned PRUNED_DIR --out OUT_DIR
+
+Fine-tuning loads as the scheduler does (`models.load_for_training`: straight into ZeRO-3 partitions under
+zero3.yaml, whole otherwise), the student from PRUNED_DIR with its mask file, the teacher from --model.
 
 Memory comes from /proc/self/status: VmRSS when `main` starts (after the module-top imports of torch,
 transformers, accelerate and the sparsegpt modules used here: the "imports" baseline) and VmHWM (the peak RSS of
@@ -22,16 +25,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers.integrations import unset_hf_deepspeed_config
 
 from sparsegpt import finetune as finetune_module
-from sparsegpt.architectures import prunable_linears
 from sparsegpt.data import calibration_ids
 from sparsegpt.distill import KDConfig
 from sparsegpt.dsconfig import cpu_deepspeed_handlers
 from sparsegpt.finetune import FinetuneConfig, finetune
 from sparsegpt.masks import MaskSet
-from sparsegpt.models import load_model
+from sparsegpt.models import load_for_training, load_model
 from sparsegpt.sequential import PruneConfig, prune_model
 
 
@@ -59,18 +60,6 @@ class Marks:
                             "file_mb": round(proc_status_mb("RssFile"), 1)})
 
 
-def magnitude_masks(model, sparsity: float) -> MaskSet:
-    """Zero the smallest-|w| fraction of each prunable linear (a cheap stand-in for a pruned stage); its mask."""
-    with torch.no_grad():
-        for module in prunable_linears(model).values():
-            w = module.weight
-            k = int(sparsity * w.numel())
-            if k:
-                threshold = w.abs().flatten().kthvalue(k).values
-                w[w.abs() <= threshold] = 0
-    return MaskSet.from_model(model)
-
-
 def run_prune(args: argparse.Namespace, marks: Marks) -> dict:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     marks.mark("model loaded")
@@ -78,19 +67,6 @@ def run_prune(args: argparse.Namespace, marks: Marks) -> dict:
     result = prune_model(model, calib, PruneConfig(sparsity=0.5, batch_size=min(8, args.nsamples)), device="cpu")
     marks.mark("pruned")
     return {"world": 1, "rank": 0, "seconds": round(getattr(result, "seconds", 0.0) or 0.0, 1)}
-
-
-def load_whole(accelerator: Accelerator, model: str, dtype: str):
-    """`load_model` of the whole model on CPU on every rank, as `sparsegpt.run` does under ZeRO-3 (the stage-3
-    HfDeepSpeedConfig that accelerate registers is lifted for the load, so transformers does not zero.Init it)."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
-        return load_model(model, dtype=dtype)
-    unset_hf_deepspeed_config()
-    try:
-        return load_model(model, dtype=dtype)
-    finally:
-        plugin.set_deepspeed_weakref()
 
 
 def marked(fn, marks: Marks, name: str):
@@ -109,13 +85,14 @@ def run_finetune(args: argparse.Namespace, marks: Marks) -> dict:
     accelerator.prepare = marked(accelerator.prepare, marks, "prepare")
     finetune_module.prepare_teacher = marked(finetune_module.prepare_teacher, marks, "prepare_teacher")
     finetune_module._train = marked(finetune_module._train, marks, "train")
-    model, tokenizer = load_whole(accelerator, args.model, args.dtype)
+    # as the scheduler's fine-tuning phase does: the pruned folder and its mask file; the dense model as teacher
+    model, tokenizer = load_for_training(args.pruned, accelerator, dtype=args.dtype)
     marks.mark("student loaded")
-    masks = magnitude_masks(model, 0.5)
+    masks = MaskSet.load(args.pruned / "mask.safetensors")
     marks.mark("masks")
     teacher = None
     if args.kd:
-        teacher, _ = load_whole(accelerator, args.model, args.dtype)
+        teacher, _ = load_for_training(args.model, accelerator, dtype=args.dtype)
         marks.mark("teacher loaded")
     rows = args.micro_batch * accelerator.num_processes * args.steps
     ids = calibration_ids("stdlib-docs", tokenizer, nsamples=rows, seqlen=args.seqlen, seed=0)
@@ -133,7 +110,8 @@ def main() -> None:
     marks = Marks()  # first thing: the baseline is the RSS of the imports alone
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=("prune", "finetune"), required=True)
-    parser.add_argument("--model", required=True, help="a name load_model knows, or a model folder")
+    parser.add_argument("--model", required=True, help="a name load_model knows, or a model folder (the dense one)")
+    parser.add_argument("--pruned", type=Path, help="--task finetune: the pruned model folder with mask.safetensors")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kd", action="store_true", help="distil from the dense model (logit KL, weight 1)")
     parser.add_argument("--steps", type=int, default=2)

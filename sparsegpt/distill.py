@@ -214,3 +214,11 @@ def prepare_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     return engine
+
+
+def release_teacher(teacher: nn.Module | None) -> None:
+    """Give back what `prepare_teacher` built: a ZeRO-3 teacher engine's hooks and partition coordinator hold the
+    model alive until destroyed (each stage builds its own teacher, so each must be released)."""
+    destroy = getattr(teacher, "destroy", None)  # DeepSpeedEngine
+    if callable(destroy):
+        destroy()

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
+from sparsegpt.architectures import decoder_layers
 from sparsegpt.errors import UserError
 from sparsegpt.recipe import Recipe
 
 if TYPE_CHECKING:  # finetune imports this module; the config is only needed for hints here
     from sparsegpt.finetune import FinetuneConfig
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(zero_stage: int, offload_optimizer: bool = False, offload_params: bool = False,
@@ -35,6 +43,7 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool = False, offload_p
                             "reduce_bucket_size": "auto"}
     if zero_stage == 3:
         zero.update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                     "stage3_max_live_parameters": "auto", "stage3_max_reuse_distance": "auto",
                      "stage3_gather_16bit_weights_on_model_save": True})
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -77,9 +86,20 @@ def cpu_deepspeed_handlers(deepspeed: bool | None = None,
     return [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
 
 
-def configure_for_finetune(accelerator: Accelerator, cfg: FinetuneConfig) -> int:
+def zero3_live_limits(model: nn.Module) -> dict[str, int]:
+    """ZeRO-3's gathered-parameter limits sized by the model's largest decoder layer L (in parameters):
+    max_live_parameters 2L (the layer being computed and the one prefetched), max_reuse_distance L (a parameter
+    is not kept gathered across layers). DeepSpeed's defaults (1e9 each) keep every parameter of a model below
+    1 B parameters gathered on every rank from the first forward on, i.e. the whole model per rank, so memory
+    per rank would not shrink with the world."""
+    layer = max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in decoder_layers(model))
+    return {"stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer}
+
+
+def configure_for_finetune(accelerator: Accelerator, cfg: FinetuneConfig, model: nn.Module) -> int:
     """Fill the accelerator's DeepSpeed config "auto" batch/clipping values from cfg (UserError on an explicit
-    conflicting value) and, under ZeRO-3, gather 16-bit weights on save; returns the ZeRO stage, -1 without
+    conflicting value) and, under ZeRO-3, gather 16-bit weights on save and size the gathered-parameter limits
+    from the model where they are "auto" or unset (`zero3_live_limits`); returns the ZeRO stage, -1 without
     DeepSpeed."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
@@ -92,6 +112,11 @@ def configure_for_finetune(accelerator: Accelerator, cfg: FinetuneConfig) -> int
     stage = int(zero.get("stage", 0))
     if stage == 3:
         wanted["zero_optimization.stage3_gather_16bit_weights_on_model_save"] = True
+        for key, value in zero3_live_limits(model).items():
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+        log.info("ZeRO-3 gathered-parameter limits: max_live_parameters %d, max_reuse_distance %d",
+                 zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"])
     for key, value in wanted.items():
         *parents, leaf = key.split(".")
         node = ds
@@ -126,3 +151,35 @@ def recipe_deepspeed_config(recipe: Recipe, world_size: int) -> dict | None:
     config["bf16"] = {"enabled": dist.mixed_precision == "bf16"}
     config["fp16"] = {"enabled": dist.mixed_precision == "fp16"}
     return config
+
+
+def zero3_plugin(accelerator: Accelerator) -> DeepSpeedPlugin | None:
+    """The accelerator's DeepSpeed plugin if it runs ZeRO stage 3, else None."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin if plugin is not None and plugin.zero_stage == 3 else None
+
+
+def loads_sharded(accelerator: Accelerator) -> bool:
+    """Whether `from_pretrained` now builds models already partitioned over the ranks (deepspeed.zero.Init): a
+    ZeRO-3 plugin with zero3_init registered its config. Rank 0 then reads the checkpoint and every rank keeps
+    only its partition, so no rank ever holds the whole model (nor converts its dtype) in host memory."""
+    return zero3_plugin(accelerator) is not None and is_deepspeed_zero3_enabled()
+
+
+@contextlib.contextmanager
+def whole_models(accelerator: Accelerator) -> Iterator[None]:
+    """Whole (unsharded) models although a ZeRO-3 plugin is active: loads for the main process's pruning and
+    evaluation. transformers loads into zero.Init shards whenever a stage-3 HfDeepSpeedConfig is registered, and
+    `generate` then syncs every step with all ranks (`synced_gpus`), which hangs a hook the main process runs
+    alone; so the registration is lifted for the duration."""
+    plugin = zero3_plugin(accelerator)
+    if plugin is None:
+        yield
+        return
+    registered = is_deepspeed_zero3_enabled()
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered:
+            plugin.set_deepspeed_weakref()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sparsegpt.checkpoint import resume, save_checkpoint
-from sparsegpt.distill import KDConfig, check_compatible, kd_loss, prepare_teacher
+from sparsegpt.distill import KDConfig, check_compatible, kd_loss, prepare_teacher, release_teacher
 from sparsegpt.dsconfig import configure_for_finetune
 from sparsegpt.enforce import ENFORCEMENT, MaskEnforcer
 from sparsegpt.errors import UserError
@@ -47,6 +47,7 @@ class FinetuneConfig:
     kd: KDConfig | None = None
     lora: LoraSettings | None = None
     checkpoint_every: int = 0
+    checkpoint_final: bool = True  # also after the last step (the scheduler, which saves the model next, does not)
     log_every: int = 10
     mask_enforcement: str = "full"
 
@@ -172,7 +173,7 @@ def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneC
     """Fine-tune `model` in place on packed causal-LM blocks with its pruned weights held at exactly 0."""
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
     _validate(model, train_ids, masks, cfg, accelerator, teacher, ckpt_dir)
-    stage = configure_for_finetune(accelerator, cfg)
+    stage = configure_for_finetune(accelerator, cfg, model)
     kd = cfg.kd if cfg.distills else None
     if kd is not None:
         check_compatible(model, teacher, kd)
@@ -192,9 +193,10 @@ def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneC
     engine, optimizer = accelerator.prepare(trainable, optimizer)
     # after prepare: the hooks' masks take the weights' final device and dtype
     hooks = masks.grad_hooks(model) if cfg.mask_enforcement in ("full", "hooks") else []
+    teacher_engine = None
     try:
         if kd is not None:
-            teacher = prepare_teacher(teacher, accelerator)
+            teacher = teacher_engine = prepare_teacher(teacher, accelerator)
         start, losses = resume(accelerator, ckpt_dir, cfg)
         enforcer = MaskEnforcer(model, masks, optimizer)
         revived = int(accelerator.reduce(torch.tensor(enforcer.revived(), device=accelerator.device), "sum"))
@@ -207,6 +209,7 @@ def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneC
     finally:
         for handle in hooks:
             handle.remove()
+        release_teacher(teacher_engine)
     if cfg.lora is not None:
         merge_sparse_lora(trainable, masks)
     return result
@@ -238,7 +241,8 @@ def _train(engine: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tenso
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
                 log.info("step %d/%d loss %.4f lr %.3e tok/s %.0f", done, cfg.steps, step_loss, lr, tok_s)
-            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+            if cfg.checkpoint_every and (cfg.checkpoint_final if done == cfg.steps else periodic):
                 save_checkpoint(accelerator, ckpt_dir, cfg, done, losses)
             failpoint("finetune/step")
     seconds = sum(step_seconds)

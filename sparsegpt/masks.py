@@ -12,6 +12,7 @@ an unpacked keep where the rank holds the weight whole, only this rank's packed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -127,6 +128,19 @@ class KeepMask:
         return grad.mul_(self.full_keep(grad).view(grad.shape))
 
 
+@contextlib.contextmanager
+def _gathered(param: Tensor) -> Iterator[None]:
+    """The whole parameter for the duration, also when ZeRO-3 has partitioned it (a collective then: every rank
+    must enter, in the same order); nothing to do otherwise."""
+    if not hasattr(param, "ds_id"):
+        yield
+        return
+    from deepspeed.zero import GatheredParameters
+
+    with GatheredParameters([param], modifier_rank=None):
+        yield
+
+
 def keep_mask_of(param: Tensor) -> KeepMask | None:
     """The `KeepMask` gradient hook registered on `param` by `MaskSet.grad_hooks`, if any (and not removed)."""
     hooks = getattr(param, "_backward_hooks", None) or {}
@@ -193,9 +207,8 @@ class MaskSet:
         masks = {}
         for name, module in prunable_linears(model, include, exclude, routers=routers,
                                              shared_experts=shared_experts).items():
-            if param_shape(module.weight) != tuple(module.weight.shape):
-                raise UserError(f"{name} is a ZeRO-3 shard; build masks from a model loaded without ZeRO-3 init")
-            masks[name] = (weight_as_linear(module) == 0).cpu()
+            with _gathered(module.weight):  # a ZeRO-3 partition: every rank gathers one weight at a time
+                masks[name] = (weight_as_linear(module) == 0).cpu()
         if not masks:
             raise UserError(f"no prunable linear matches include={include!r} exclude={exclude!r}; loosen the filters")
         return cls(masks)

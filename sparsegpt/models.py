@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sparsegpt import compact
 from sparsegpt.atomic import write_dir_atomically
+from sparsegpt.dsconfig import loads_sharded, whole_models
 from sparsegpt.errors import UserError
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -86,6 +89,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: 
     path = resolve_model_path(name_or_path)
     try:
         if compact.is_compact(path):  # a `sparsegpt export` folder: decoded to the dense model it was made from
+            if is_deepspeed_zero3_enabled():
+                raise ValueError(f"{path} is a compact folder: it decodes to a whole model, so load it outside "
+                                 "ZeRO-3 init (dsconfig.whole_models) and let prepare shard it")
             model, tokenizer = compact.load_compact(path, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, "auto"),
@@ -104,6 +110,23 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: 
             raise UserError(f"the tokenizer of {path} has neither a pad nor an eos token; add one to its files")
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_for_training(name_or_path: str | os.PathLike, accelerator: Accelerator, *, dtype: str = "auto"
+                      ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model as fine-tuning wants it: under a ZeRO-3 plugin with zero3_init (`dsconfig.loads_sharded`) built
+    straight into this rank's partition (rank 0 reads the checkpoint), else whole. A compact folder is decoded
+    whole on every rank (it has no per-tensor checkpoint for zero.Init to read; logged) and sharded by prepare."""
+    path = resolve_model_path(name_or_path)
+    if not loads_sharded(accelerator):
+        with whole_models(accelerator):
+            return load_model(path, dtype=dtype)
+    if compact.is_compact(path):
+        logger.warning("%s is a compact folder: decoded whole on every rank, then sharded by prepare", path)
+        with whole_models(accelerator):
+            return load_model(path, dtype=dtype)
+    logger.info("loading %s into ZeRO-3 partitions", path)
+    return load_model(path, dtype=dtype)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike, *,

@@ -1,23 +1,25 @@
 """The progressive scheduler: for each stage of a recipe, the phases of `PIPELINE`, in order, resumable.
 
-    prune           main process   the previous stage's model (or the dense one) pruned to the stage target
-    eval_pruned     main process   evaluation hooks on the pruned model
+    prune           every rank     the previous stage's model (or the dense one) pruned to the stage target: the
+                                   calibration set split over the ranks, linears solved round robin
+    eval_pruned     every rank     evaluation hooks on the pruned model (perplexity windows split over the ranks)
     finetune        every rank     mask-preserving fine-tuning (ZeRO shards it over the ranks)
-    eval_finetuned  main process   evaluation hooks on the fine-tuned model
+    eval_finetuned  every rank     evaluation hooks on the fine-tuned model
     complete        main process   the stage's model is final; leftovers removed; the stage table printed
 
 Every phase is marked done in state.json only after what it leaves on disk is complete, so a killed run started
 again with the same command resumes at the first unfinished phase (`sparsegpt/rundir.py` owns the run dir).
 Before anything is written, everything the recipe implies that can be checked is checked (`check_inputs`).
-Process model under `accelerate launch`: main-process phases run on rank 0 while the others wait at the barrier
-after the phase; stage boundaries go through disk, which is also what makes every boundary a resume point.
+Process model under `accelerate launch`: every rank runs the "all" phases (each holds the pruned model while
+pruning and evaluating; the main process alone writes the run dir), the others wait at the barrier after a "main"
+phase; stage boundaries go through disk, which is also what makes every boundary a resume point.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
+import json
 import logging
 import os
 import shutil
@@ -26,28 +28,32 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, is_tensorboard_available, is_wandb_available
 from transformers import AutoConfig, AutoTokenizer
-from transformers.integrations import unset_hf_deepspeed_config
 
 from sparsegpt.checkpoint import save_finetuned
 from sparsegpt.compact import export, folder_masks, is_compact
 from sparsegpt.compare import flatten_for_trackers, format_stage_table
 from sparsegpt.data import calibration_ids, check_source, default_seqlen, train_ids, train_tokens
 from sparsegpt.distill import KDConfig
-from sparsegpt.dsconfig import cpu_deepspeed_handlers, deepspeed_plugin_from_config, recipe_deepspeed_config
+from sparsegpt.dsconfig import (
+    cpu_deepspeed_handlers,
+    deepspeed_plugin_from_config,
+    recipe_deepspeed_config,
+    whole_models,
+)
 from sparsegpt.errors import UserError
-from sparsegpt.evaluation import run_hooks
+from sparsegpt.evaluation import evaluate_hooks
 from sparsegpt.finetune import FinetuneConfig, finetune
-from sparsegpt.hooks import HookContext
+from sparsegpt.hooks import HOOKS, HookContext
 from sparsegpt.lora import LoraSettings
 from sparsegpt.masks import MaskSet
 from sparsegpt.memory import plan_for
-from sparsegpt.models import check_model, load_model, resolve_model_path, save_model
+from sparsegpt.models import check_model, load_for_training, load_model, resolve_model_path, save_model
 from sparsegpt.recipe import Recipe, ResolvedStage, load_recipe, to_dataclass
 from sparsegpt.rundir import Phase, RunDir, RunState
 from sparsegpt.sequential import PruneConfig, prune_model
@@ -67,22 +73,24 @@ class PhaseSpec:
 
 
 PIPELINE: tuple[PhaseSpec, ...] = (
-    PhaseSpec(Phase.PRUNE, "main", lambda s: False,
-              "stages/NN-NAME/pruned: the pruned model + mask.safetensors",
+    PhaseSpec(Phase.PRUNE, "all", lambda s: False,
+              "stages/NN-NAME/pruned: the pruned model + mask.safetensors + prune.json (per-linear stats, world)",
               lambda sched, stage: sched.prune(stage)),
-    PhaseSpec(Phase.EVAL_PRUNED, "main", lambda s: "pruned" not in s.eval.phases,
+    PhaseSpec(Phase.EVAL_PRUNED, "all", lambda s: "pruned" not in s.eval.phases,
               'a "pruned" record in metrics.jsonl',
               lambda sched, stage: sched.evaluate(stage, "pruned")),
     PhaseSpec(Phase.FINETUNE, "all", lambda s: s.finetune is None,
               "stages/NN-NAME/model (and ckpt/ while it runs)",
               lambda sched, stage: sched.finetune(stage)),
-    PhaseSpec(Phase.EVAL_FINETUNED, "main", lambda s: s.finetune is None or "finetuned" not in s.eval.phases,
+    PhaseSpec(Phase.EVAL_FINETUNED, "all", lambda s: s.finetune is None or "finetuned" not in s.eval.phases,
               'a "finetuned" record in metrics.jsonl',
               lambda sched, stage: sched.evaluate(stage, "finetuned")),
     PhaseSpec(Phase.COMPLETE, "main", lambda s: False,
               "stages/NN-NAME/model alone (pruned/ promoted if not fine-tuned; pruned/, ckpt/ removed)",
               lambda sched, stage: sched.complete(stage)),
 )
+
+PRUNE_REPORT = "prune.json"  # in stages/NN-NAME/pruned: per-linear stats and each rank's share of the pass
 
 # The metrics.jsonl phase each evaluation phase writes, and the phase whose time its record's `seconds` includes.
 EVAL_OF = {"pruned": (Phase.EVAL_PRUNED, Phase.PRUNE), "finetuned": (Phase.EVAL_FINETUNED, Phase.FINETUNE)}
@@ -125,48 +133,61 @@ class Scheduler:
 
     # -- the phases -------------------------------------------------------------------------------------------
     def prune(self, stage: ResolvedStage) -> None:
-        """One-shot prune of the previous stage's model to this stage's target (target 0: keep it as is)."""
+        """One-shot prune of the previous stage's model to this stage's target (target 0: keep it as is). Every
+        rank holds the model and calibrates its share of the set (`sequential.prune_model` over World.current());
+        all end with the same weights; the main process writes the folder."""
         model, tok = self._load(self._input_dir(stage))
         base = folder_masks(self._input_dir(stage)) if stage.index > 0 else None
+        report: dict = {"world_size": self.acc.num_processes}
         if stage.sparsity == 0 and not stage.prune_n:
             masks = base if base is not None else MaskSet.from_model(model)
         else:
             p = stage.prune
             calib = calibration_ids(self.recipe.data.calibration, tok, nsamples=p.nsamples,
                                     seqlen=p.seqlen or default_seqlen(model), seed=self.recipe.seed)
-            masks = prune_model(model, calib, prune_config(stage), base_masks=base, device=self.acc.device).masks
+            result = prune_model(model, calib, prune_config(stage), base_masks=base, device=self.acc.device)
+            masks = result.masks
+            report.update(seconds=round(result.seconds, 3), world=result.world, linears=result.stats)
         out = self._dir(stage) / "pruned"
-        save_model(model, tok, out)
-        masks.save(out / "mask.safetensors")
+        if self.is_main:
+            save_model(model, tok, out, extra_files={PRUNE_REPORT: json.dumps(report, indent=1).encode()})
+            masks.save(out / "mask.safetensors")
         self._live = (out, model, tok, masks)
 
     def evaluate(self, stage: ResolvedStage, phase: str) -> None:
-        """Run the stage's hooks on the model `phase` left ("pruned" or "finetuned") and append its record."""
+        """Every rank: the stage's hooks on the model `phase` left ("pruned" or "finetuned"), distributed hooks
+        split over the ranks (`evaluation.evaluate_hooks`); the main process appends the record."""
         folder = self._dir(stage) / ("pruned" if phase == "pruned" else "model")
-        model, tok, masks = self._model_at(folder)
-        if phase == "finetuned":
+        if self.is_main or any(HOOKS[h["type"]].ranks == "all" for h in stage.eval.hooks):
+            model, tok, masks = self._model_at(folder)
+        else:  # only the main process runs this stage's hooks: the others need no copy of the model
+            model = tok = masks = None
+        if phase == "finetuned" and self.is_main:
             masks.verify(model)
         t0 = time.time()
         context = HookContext(stage=stage.index, name=stage.name, phase=phase, target=stage.target,
                               run_dir=str(self.rd.root), device=str(self.acc.device), masks=masks)
-        with self._whole_models():  # main process alone: generate() must not sync with ranks that are not there
-            metrics, errors = run_hooks(model, tok, stage.eval.hooks, context, fail_fast=stage.eval.fail_on_error)
+        with whole_models(self.acc):  # generate() on the main process alone must not sync with the other ranks
+            results = evaluate_hooks(model, tok, stage.eval.hooks, context, fail_fast=stage.eval.fail_on_error)
+        if not self.is_main:
+            return
         before = self.state.stages[stage.index].seconds.get(EVAL_OF[phase][1], 0.0)
         record = {"stage": stage.index, "name": stage.name, "phase": phase, "target": stage.target,
-                  "sparsity": masks.sparsity(), "metrics": metrics,
-                  "seconds": round(before + time.time() - t0, 3), "time": time.time()}
-        if errors:
-            record["errors"] = errors
+                  "sparsity": masks.sparsity(), "metrics": results.metrics,
+                  "seconds": round(before + time.time() - t0, 3), "time": time.time(),
+                  "world": {"size": results.world_size, "eval_shares": results.shares, **_prune_shares(folder)}}
+        if results.errors:
+            record["errors"] = results.errors
         self.rd.append_metrics(record)
         if self.recipe.trackers:  # one tracker step per evaluation, in run order
             self.acc.log(flatten_for_trackers(record), step=2 * stage.index + (phase == "finetuned"))
-        log.info("stage %s %s: sparsity %.4f %s", stage.name, phase, record["sparsity"], _short(metrics))
+        log.info("stage %s %s: sparsity %.4f %s", stage.name, phase, record["sparsity"], _short(results.metrics))
 
     def finetune(self, stage: ResolvedStage) -> None:
         """Every rank: fine-tune the pruned model with its mask held; the main process saves stages/NN-NAME/model."""
         self._release()
         pruned = self._dir(stage) / "pruned"
-        model, tok = self._load(pruned)
+        model, tok = self._load(pruned, sharded=True)
         masks = MaskSet.load(pruned / "mask.safetensors")
         f = stage.finetune
         seqlen = f.seqlen or stage.prune.seqlen or default_seqlen(model)
@@ -174,7 +195,7 @@ class Scheduler:
         teacher = None
         if f.kd is not None and (f.kd.logit_weight or f.kd.hidden_weight):
             source = {"dense": None, "previous": self._input_dir(stage)}.get(f.kd.teacher, f.kd.teacher)
-            teacher, _ = self._load(source or self._dense_path())
+            teacher, _ = self._load(source or self._dense_path(), sharded=True)
         cfg = finetune_config(stage, self.recipe, world_size=self.acc.num_processes, seqlen=seqlen)
         finetune(model, data, masks, cfg, accelerator=self.acc, teacher=teacher, ckpt_dir=self._dir(stage) / "ckpt")
         save_finetuned(self.acc, model, tok, masks, self._dir(stage) / "model")
@@ -240,27 +261,22 @@ class Scheduler:
             self._live = None
             gc.collect()
 
-    def _load(self, path: str | Path) -> tuple[torch.nn.Module, object]:
-        """A whole model on CPU. Under ZeRO-3 every rank loads it before `prepare` shards it (the tested path)."""
-        with self._whole_models():
+    def _load(self, path: str | Path, *, sharded: bool = False) -> tuple[torch.nn.Module, object]:
+        """The model in `path`: whole on CPU, or (`sharded`: for fine-tuning) as `models.load_for_training` puts
+        it, straight into this rank's ZeRO-3 partition where the plugin allows."""
+        if sharded:
+            return load_for_training(path, self.acc, dtype=self.recipe.dtype)
+        with whole_models(self.acc):
             return load_model(str(path), dtype=self.recipe.dtype)
 
-    @contextlib.contextmanager
-    def _whole_models(self) -> Iterator[None]:
-        """Whole (unsharded) models although a ZeRO-3 plugin is active: loads, and main-process evaluation.
 
-        transformers loads into zero.Init shards whenever a stage-3 HfDeepSpeedConfig is registered (accelerate's
-        `zero3_init_context_manager(enable=False)` re-registers one), and `generate` then syncs every step with all
-        ranks (`synced_gpus`), which hangs a hook the main process runs alone; so the registration is lifted."""
-        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
-        if plugin is None or plugin.zero_stage != 3:
-            yield
-            return
-        unset_hf_deepspeed_config()
-        try:
-            yield
-        finally:
-            plugin.set_deepspeed_weakref()
+def _prune_shares(folder: Path) -> dict:
+    """Each rank's share of the pruning pass that made `folder` (its prune.json), for a "pruned" record."""
+    path = folder / PRUNE_REPORT
+    if not path.is_file():
+        return {}
+    world = json.loads(path.read_text()).get("world") or {}
+    return {"prune_ranks": world.get("ranks", [])}
 
 
 def _short(metrics: dict) -> str:
@@ -280,7 +296,10 @@ def finetune_config(stage: ResolvedStage, recipe: Recipe, *, world_size: int, se
     f, d = stage.finetune, recipe.distributed
     steps = f.num_steps(world_size, micro_batch_size=d.micro_batch_size, grad_accum=d.grad_accum, seqlen=seqlen)
     warmup = f.warmup_steps if f.warmup_ratio is None else round(f.warmup_ratio * steps)
+    # no checkpoint after the last step: the stage model is saved right after it (a kill in between redoes the
+    # steps since the previous checkpoint, bit for bit), and a 13B checkpoint is ~150 GB written to be deleted
     return to_dataclass(FinetuneConfig, f, steps=steps, warmup_steps=warmup or 0, seed=recipe.seed + stage.index,
+                        checkpoint_final=False,
                         micro_batch_size=d.micro_batch_size, grad_accum=d.grad_accum,
                         kd=to_dataclass(KDConfig, f.kd) if f.kd is not None else None,
                         lora=to_dataclass(LoraSettings, f.lora) if f.lora is not None else None)

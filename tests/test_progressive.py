@@ -182,50 +182,95 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-def test_two_process_zero3_progressive_run_keeps_masks(tiny_llama_dir, tmp_path):
-    """2 CPU processes, ZeRO-3 built from the recipe's `distributed` section: rank 0 prunes and evaluates (greedy
-    samples included), both fine-tune."""
-    import socket
-
-    recipe = tmp_path / "z3.yaml"
-    text = RECIPE.format(model=tiny_llama_dir, last="").replace(
+def zero3_recipe(path: Path, model_dir: Path) -> Path:
+    """Two stages of the tiny recipe under ZeRO-3 from the recipe's `distributed` section, 4 fine-tuning steps with
+    a checkpoint every 2, and the greedy-samples hook (it hung a multi-rank ZeRO-3 run once)."""
+    text = RECIPE.format(model=model_dir, last="").replace(
         "seed: 0\n", "seed: 0\ndistributed: {zero_stage: 3, micro_batch_size: 2, grad_accum: 1}\n")
-    text = text.replace("steps: 6", "steps: 3").replace("checkpoint_every: 2", "checkpoint_every: 0")
-    # the samples hook generates on the main process alone: it must not wait for the other rank (it hung before)
+    text = text.replace("steps: 6", "steps: 4")
     text = text.replace("      - {type: sparsity}\n", "      - {type: sparsity}\n"
                         "      - {type: samples, prompts: [\"def f\"], max_new_tokens: 4}\n")
-    assert "type: samples" in text
-    text = text[:text.index("  - {name: s90")]  # two stages are enough here
-    recipe.write_text(text)
+    assert "type: samples" in text and "checkpoint_every: 2" in text
+    path.write_text(text[:text.index("  - {name: s90")])  # two stages are enough here
+    return path
+
+
+def launch2(recipe: Path, run_dir: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    """train/progressive.py on 2 CPU processes (accelerate launch, DeepSpeed over gloo; the recipe's plugin
+    replaces the config file's). On a CPU-only machine only a DeepSpeed launch starts 2 processes."""
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "SPARSEGPT_NO_PROGRESS": "1"}
+           "SPARSEGPT_NO_PROGRESS": "1", "PYTHONHASHSEED": "0"}
     env.pop("SPARSEGPT_FAILPOINT", None)
-    # On a CPU-only machine only a DeepSpeed launch starts 2 processes; the recipe's plugin replaces the config's.
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    if failpoint:
+        env["SPARSEGPT_FAILPOINT"] = failpoint
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            "recipes/accelerate/zero3.yaml", "--num_processes", "2", "--mixed_precision", "no",
                            "--main_process_port", str(port), str(ROOT / "train" / "progressive.py"),
-                           "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
+                           "--recipe", str(recipe), "--run-dir", str(run_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def zero3_reference(tiny_llama_dir, tmp_path_factory):
+    """The uninterrupted 2-process ZeRO-3 run: (recipe, run dir, process)."""
+    tmp = tmp_path_factory.mktemp("zero3-ref")
+    recipe = zero3_recipe(tmp / "z3.yaml", tiny_llama_dir)
+    proc = launch2(recipe, tmp / "run")
+    return recipe, tmp / "run", proc
+
+
+@pytest.mark.slow
+def test_two_process_zero3_progressive_run_keeps_masks(zero3_reference):
+    """2 CPU processes, ZeRO-3: both fine-tune (the model built straight into each rank's partition), evaluation
+    (greedy samples included) completes on the main process."""
+    _, run_dir, proc = zero3_reference
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "accelerator: DEEPSPEED, 2 process(es), zero stage 3" in proc.stderr
-    recs = records(tmp_path / "run")
+    assert proc.stderr.count("into ZeRO-3 partitions") == 2 * 2  # student + (no KD) per rank, two stages
+    recs = records(run_dir)
     assert [(r["stage"], r["phase"]) for r in recs] == [(0, "pruned"), (0, "finetuned"), (1, "pruned"),
                                                          (1, "finetuned")]
     assert all(len(r["metrics"]["samples"]) == 1 and "errors" not in r for r in recs), recs
     from sparsegpt.masks import MaskSet
-    from sparsegpt.models import load_model
 
     for i, name in enumerate(["00-s50", "01-s70"]):
-        folder = tmp_path / "run" / "stages" / name / "model"
+        folder = run_dir / "stages" / name / "model"
         model, _ = load_model(folder)
         masks = MaskSet.load(folder / "mask.safetensors")
         masks.verify(model)  # every masked weight exactly 0 after ZeRO-3 training
         assert masks.sparsity() == pytest.approx([0.5, 0.7][i], abs=0.01)
     assert recs[1]["sparsity"] == recs[0]["sparsity"] and recs[3]["sparsity"] == recs[2]["sparsity"]
+
+
+# The 2-process run killed three times (every rank passes the failpoint its SPARSEGPT_FAILPOINT names; the
+# launcher then stops the other), then resumed: 2 decoder layers, 4 fine-tuning steps per stage, checkpoint every 2.
+KILLS_2 = [
+    "finetune/step:3",               # stage 0 fine-tuning, step 3 of 4: the step-2 checkpoint stays
+    "prune/layer:1",                 # resumed at step 2, stage 0 finished; stage 1 pruning, after its first layer
+    "checkpoint/before-manifest:1",  # stage 1 pruned again; its step-2 checkpoint written but has no manifest
+]
+
+
+@pytest.mark.slow
+def test_two_process_kill_and_resume_reaches_the_same_metrics(zero3_reference, tmp_path):
+    recipe, ref_dir, ref = zero3_reference
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    run_dir = tmp_path / "run"
+    for point in KILLS_2:
+        killed = launch2(recipe, run_dir, failpoint=point)
+        assert killed.returncode != 0, (point, killed.stderr[-3000:])
+    state = json.loads((run_dir / "state.json").read_text())
+    assert "complete" in state["stages"]["0"]["done"] and "finetune" not in state["stages"]["1"]["done"]
+    resumed = launch2(recipe, run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert comparable(records(run_dir)) == comparable(records(ref_dir))
+    assert sorted(p.name for p in (run_dir / "stages" / "01-s70").iterdir()) == ["model"]
 
 
 @pytest.mark.parametrize("old, new", [

@@ -74,7 +74,8 @@ def test_cli_help_imports_no_command_module():
 NOT_IN_RECIPE = {
     PruneConfig: {"sparsity", "prune_n", "prune_m"},            # from the stage's target
     FinetuneConfig: {"seed", "micro_batch_size", "grad_accum",   # recipe seed + stage index; distributed section
-                     "mask_enforcement"},                        # partial enforcement: benchmarks and tests only
+                     "mask_enforcement",                         # partial enforcement: benchmarks and tests only
+                     "checkpoint_final"},                        # the scheduler saves the model right after
     KDConfig: set(), LoraSettings: set(),
 }
 # Recipe fields that are not the library config's, and why:

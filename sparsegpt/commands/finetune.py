@@ -36,7 +36,7 @@ from sparsegpt.errors import UserError
 from sparsegpt.finetune import FinetuneConfig, finetune
 from sparsegpt.lora import LoraSettings
 from sparsegpt.masks import MaskSet
-from sparsegpt.models import check_model, load_model, resolve_model_path
+from sparsegpt.models import check_model, load_for_training, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,11 @@ def run(args: argparse.Namespace) -> int:
     """Load model (+ teacher), mask and data; fine-tune; save the folder from the main process."""
     cfg = _config(args)
     _check_args(args)
-    # Load before the Accelerator exists: under a ZeRO-3 config it makes from_pretrained shard the weights
-    # (zero.Init), but masks are built from whole weights; the trainer shards the model when it prepares it.
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    teacher = load_model(args.kd, dtype=args.dtype)[0] if args.kd else None
+    # The Accelerator first: under a ZeRO-3 config with zero3_init_flag (recipes/accelerate/zero3*.yaml) it makes
+    # from_pretrained build student and teacher straight into each rank's partition (`dsconfig.loads_sharded`).
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
+    model, tokenizer = load_for_training(args.model, accelerator, dtype=args.dtype)
+    teacher = load_for_training(args.kd, accelerator, dtype=args.dtype)[0] if args.kd else None
     saved = folder_masks(resolve_model_path(args.model))
     masks = saved if saved is not None else MaskSet.from_model(model)
     log.info("mask: %s (sparsity %.4f)", "saved with the model" if saved is not None else "exact zeros",
