@@ -8,13 +8,19 @@ layer's input groups are independent solves: group k is solved by rank `World.ow
 pruned weight and its mask are broadcast from their owner, so every rank ends the layer with identical weights and
 identical, complete `masks` and `stats`; each rank then propagates its own share through the pruned layer.
 
-A rank with no calibration rows or no group still joins every collective (with zero sums). A world of one
-takes no collective at all: the pass is bit for bit the single-process one.
+A rank with no calibration rows or no group still joins every collective (with zero sums). A step that can fail
+on one rank only (capture, a solve) is followed by `agree`, so a failure on any rank fails every rank instead of
+leaving the others waiting in a collective. A world of one takes no collective at all: the pass is bit for bit
+the single-process one.
 
-Precision: the sums stay float32, as in the single-process pass. Across world sizes they differ only in float
-summation order (rounding ~1e-7 relative); float64 sums would double the Hessian memory (a 20480² float64
-Hessian is 3.4 GB instead of 1.7 GB) and cost ~2x on CPUs and far more on GPUs without fast FP64, and the masks
-they change are near-ties (see bench/results_distributed_prune.md for the measurements).
+Precision: every Σxxᵀ (and OWL's Σx²) is accumulated in float64 from float64 copies of the inputs, on every world
+size, and H is cast to float32 once normalized. Measured on SmolLM2-135M (bench/results_distributed_prune.md):
+with float32 sums, merely batching the same 16 sequences by 16 instead of 8 in ONE process left only 93-98 % of
+layer 3's masks identical (the last-bit differences flip near-tie mask choices, whose OBS updates then differ, and
+the next layer sees other inputs), and 2 processes matched 1 in 95.6 % of all masks; with float64 sums both are
+100 % identical. The cost: the Hessian sums take 1.75x as long on a CPU (~4 % of a SmolLM2 pass), the same on an
+A100/H100 (FP64 tensor-core GEMMs run at the FP32 rate without TF32) but 30-60x on consumer GPUs with 1/32-1/64
+rate FP64; the sums' memory doubles (20480² float64 = 3.4 GB instead of 1.7 GB) and so do the all-reduced bytes.
 """
 
 from __future__ import annotations
@@ -23,12 +29,36 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from sparsegpt.architectures import ExpertLinear, set_weight_from_linear, weight_as_linear
+from sparsegpt.errors import UserError
 from sparsegpt.world import World, collective_device
+
+T = TypeVar("T")
+
+
+def agree(world: World, step: Callable[[], T]) -> T:
+    """`step()` here; if it raised on any rank, raise on every rank: the failing rank its own exception, the others
+    a UserError with its one-line message (a RuntimeError naming the rank when it was not a UserError). One gather;
+    a world of one just runs `step`."""
+    if world.size == 1:
+        return step()
+    try:
+        value, error = step(), None
+    except Exception as e:  # re-raised below, after every rank has heard of it
+        value, error = None, e
+    report = None if error is None else (isinstance(error, UserError), (str(error).splitlines() or [""])[0])
+    failed = [(rank, r) for rank, r in enumerate(world.gather_objects(report)) if r is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, (user, message) = failed[0]
+        raise UserError(message) if user else RuntimeError(f"rank {rank} failed: {message}")
+    return value
 
 
 def all_reduce_(world: World, tensor: Tensor) -> Tensor:
@@ -111,15 +141,19 @@ class RankPass:
         """Solve this rank's groups of the layer, then share every pruned weight, mask and stat with all ranks;
         `stats` grows in group order, each entry carrying the `rank` that solved it."""
         mine: dict[int, list[dict]] = {}
-        for k, group in enumerate(groups):
-            if self.world.owner(k) != self.world.rank:
-                continue
-            with self.timing("solve"):
-                solve(group, mine.setdefault(k, []))
-            for entry in mine[k]:
-                entry["rank"] = self.world.rank
-            self.groups += 1
-            self.linears += len(group)
+
+        def solve_mine() -> None:
+            for k, group in enumerate(groups):
+                if self.world.owner(k) != self.world.rank:
+                    continue
+                with self.timing("solve"):
+                    solve(group, mine.setdefault(k, []))
+                for entry in mine[k]:
+                    entry["rank"] = self.world.rank
+                self.groups += 1
+                self.linears += len(group)
+
+        agree(self.world, solve_mine)
         if self.world.size == 1:
             stats.extend(entry for k in range(len(groups)) for entry in mine[k])
             return

@@ -71,7 +71,7 @@ class ExpertHessians:
         self.matrices = matrices
         self.diag_only = diag_only
         self.modules: dict[int, nn.Module] = {}
-        self.sums: dict[tuple[int, str], Tensor] = {}    # (id(experts), param) -> (experts, cols[, cols]) float32
+        self.sums: dict[tuple[int, str], Tensor] = {}    # (id(experts), param) -> (experts, cols[, cols]) float64
         self.counts: dict[tuple[int, str], list[int]] = {}
         self.calls: dict[int, int] = {}
         for m in matrices.values():
@@ -79,7 +79,7 @@ class ExpertHessians:
             if key not in self.sums:
                 cols, experts = linear_shape(m)[1], param_shape(m.weight)[0]
                 shape = (experts, cols) if diag_only else (experts, cols, cols)
-                self.sums[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+                self.sums[key] = torch.zeros(shape, dtype=torch.float64, device=device)
                 self.counts[key] = [0] * experts
                 self.modules[id(m.experts)] = m.experts
                 self.calls[id(m.experts)] = 0
@@ -90,7 +90,7 @@ class ExpertHessians:
                 for key, module in self.modules.items()]
 
     def _add(self, key: tuple[int, str], index: int, x: Tensor) -> None:
-        x = x.float()
+        x = x.double()
         if self.diag_only:
             self.sums[key][index] += x.square().sum(0)
         else:
@@ -124,7 +124,8 @@ class ExpertHessians:
         self.calls = dict(zip(calls, flat))
 
     def result(self, min_tokens: int | None) -> tuple[dict[str, Tensor], dict[str, dict]]:
-        """Per matrix name: H = 2/N Σ xxᵀ (the under-calibrated rule applied), and {tokens, expert, pooled_weight}."""
+        """Per matrix name: H = 2/N Σ xxᵀ (float32; the under-calibrated rule applied in float64), and {tokens,
+        expert, pooled_weight}."""
         silent = [name for name, m in self.matrices.items() if not self.calls[id(m.experts)]]
         if silent:
             raise UserError(f"{silent[0]} never ran in the decoder layer's forward; exclude it (--exclude) "
@@ -135,11 +136,11 @@ class ExpertHessians:
             sums, tokens = self.sums[key], self.counts[key][m.index]
             need = max(1, linear_shape(m)[1] if min_tokens is None else min_tokens)
             if tokens >= need:
-                hessians[name], weight = sums[m.index] * (2.0 / tokens), 0.0
+                hessians[name], weight = (sums[m.index] * (2.0 / tokens)).float(), 0.0
             else:
                 if key not in pooled:
                     pooled[key] = sums.sum(0) / sum(self.counts[key])
-                hessians[name] = (sums[m.index] + (need - tokens) * pooled[key]) * (2.0 / need)
+                hessians[name] = ((sums[m.index] + (need - tokens) * pooled[key]) * (2.0 / need)).float()
                 weight = (need - tokens) / need
             info[name] = {"tokens": tokens, "expert": m.index, "pooled_weight": weight}
         low = [f"{n} ({v['tokens']} tokens)" for n, v in info.items() if v["pooled_weight"]]

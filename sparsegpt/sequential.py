@@ -34,7 +34,7 @@ from sparsegpt.architectures import (
 )
 from sparsegpt.baselines import PRUNERS
 from sparsegpt.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
-from sparsegpt.distributed_prune import RankPass
+from sparsegpt.distributed_prune import RankPass, agree
 from sparsegpt.errors import UserError
 from sparsegpt.experts import ExpertHessians
 from sparsegpt.failpoints import failpoint
@@ -158,8 +158,10 @@ def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, 
 def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *, diag_only: bool,
                 min_expert_tokens=None, outputs_to=None) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch]]:
     """One forward of layer `index` with a pre-hook per input group (per fused experts module for expert
-    matrices); returns per group leader H = 2/N Σ xxᵀ (float32; sums and N over all ranks), or only its diagonal
-    when diag_only, its {tokens, expert, pooled_weight}, and the layer's outputs (this rank's) if outputs_to."""
+    matrices); returns per group leader H = 2/N Σ xxᵀ (summed in float64 over all ranks' tokens, returned as
+    float32), or only its diagonal when diag_only, its {tokens, expert, pooled_weight}, and the layer's outputs
+    (this rank's) if outputs_to. float64 sums make H independent of how the tokens are batched or split over ranks
+    (float32 sums differ in their last bits, which SparseGPT's mask choices amplify layer after layer)."""
     sums, counts, handles = {}, {}, []
     experts = ExpertHessians({g[0]: linears[g[0]] for g in groups if isinstance(linears[g[0]], ExpertLinear)},
                              device, diag_only=diag_only)
@@ -168,11 +170,11 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
         if isinstance(linears[leader], ExpertLinear):
             continue
         cols = weight_as_linear(linears[leader]).shape[1]
-        sums[leader] = torch.zeros((cols,) if diag_only else (cols, cols), dtype=torch.float32, device=device)
+        sums[leader] = torch.zeros((cols,) if diag_only else (cols, cols), dtype=torch.float64, device=device)
         counts[leader] = 0
 
         def hook(module, args, leader=leader):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
             if diag_only:
                 sums[leader] += x.square().sum(0)
             else:
@@ -197,8 +199,8 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
         raise UserError(f"{', '.join(silent)} never ran in the decoder layer's forward; exclude it (--exclude) "
                         "or report the architecture")
     hessians, info = experts.result(min_expert_tokens) if experts.matrices else ({}, {})
-    hessians.update({k: v * (2.0 / counts[k]) for k, v in sums.items()})
     info.update({k: {"tokens": counts[k], "expert": None, "pooled_weight": 0.0} for k in sums})
+    hessians.update({k: sums.pop(k).mul_(2.0 / counts[k]).float() for k in list(sums)})  # one float64 sum at a time
     return hessians, info, outputs
 
 
@@ -309,8 +311,8 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     try:
         store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
         own_ids = run.calibration_share(calib_ids)
-        calib = capture_layer_inputs(model, layers, own_ids, batch_size=cfg.batch_size,
-                                     store_device=store_device) if len(own_ids) else []
+        calib = agree(run.world, lambda: capture_layer_inputs(
+            model, layers, own_ids, batch_size=cfg.batch_size, store_device=store_device) if len(own_ids) else [])
         targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access, run)
         masks, stats, layer_seconds = {}, [], []
         bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())

@@ -4,9 +4,10 @@ and the cases it runs, which tests/test_distributed_prune.py also prunes in one 
 Each case builds the same tiny random model (from a config, seeded) and calibration set on every rank and calls
 `prune_model` in the launch's process group (joined with `world.init_from_env`, as `sparsegpt prune` does); the
 rank saves its masks, decoder weights, stats and world record to OUT/rank{r}.pt and records which layers it
-entered and left (the `LayerAccess` seam). With DIR (a saved tiny model with a tokenizer) it also runs
-`sparsegpt prune` twice in the same group: once normally into OUT/cli, once with a bad flag (its return code per
-rank in OUT/cli-rank{r}.json).
+entered and left (the `LayerAccess` seam). A solve that fails on rank 1 only must fail on both ranks (the
+messages in OUT/failure-rank{r}.json), and the group must still work afterwards. With DIR (a saved tiny model
+with a tokenizer) it also runs `sparsegpt prune` twice in the same group: once normally into OUT/cli, once with a
+bad flag (its return code per rank in OUT/cli-rank{r}.json).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 import torch.distributed as dist
 import transformers as T
 
-from sparsegpt import cli
+from sparsegpt import cli, sequential
 from sparsegpt.architectures import decoder_layers
+from sparsegpt.errors import UserError
 from sparsegpt.sequential import LayerAccess, PruneConfig, prune_model
 from sparsegpt.world import init_from_env
 
@@ -77,6 +79,26 @@ class Recording(LayerAccess):
         self.calls.append(("leave", index, pruned))
 
 
+def fail_on_one_rank() -> str:
+    """Prune with layer 1's o_proj solve (group 1: rank 1's) raising; the UserError each rank ends with."""
+    solve = sequential._solve_group
+
+    def failing(group, *args, **kwargs):
+        if group[0].endswith("layers.1.self_attn.o_proj"):
+            raise UserError(f"synthetic failure solving {group[0]}")
+        return solve(group, *args, **kwargs)
+
+    sequential._solve_group = failing
+    try:
+        model, ids, cfg = build("llama")
+        prune_model(model, ids, cfg)
+    except UserError as e:
+        return str(e)
+    finally:
+        sequential._solve_group = solve
+    return "no error"
+
+
 def main(out: Path, model_dir: str | None) -> None:
     world = init_from_env()
     torch.set_num_threads(1)
@@ -87,6 +109,7 @@ def main(out: Path, model_dir: str | None) -> None:
         results[case] = outcome(model, prune_model(model, ids, cfg, access=access))
         results[case]["access"] = access.calls
     torch.save(results, out / f"rank{world.rank}.pt")
+    (out / f"failure-rank{world.rank}.json").write_text(json.dumps(fail_on_one_rank()))
     if model_dir:
         common = ["prune", "--model", model_dir, "--calib", "stdlib-docs", "--seqlen", "16", "--batch-size", "3"]
         good = cli.main([*common, "--sparsity", "0.5", "--nsamples", "5", "--out", str(out / "cli")])

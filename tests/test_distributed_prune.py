@@ -2,7 +2,8 @@
 Llama, OPT and Qwen2-MoE models — unstructured, 2:4, OWL, the MoE top-up rule, a world larger than the calibration
 set and than a layer's groups — and `sparsegpt prune` under the same launch. Each must equal the single-process
 pass on the same calibration set (masks >= 99.9 % identical, per-linear reconstruction error within 0.1 %),
-leave both ranks with identical weights, masks and stats, and record a world where both ranks did work."""
+leave both ranks with identical weights, masks and stats, and record a world where both ranks did work; a solve
+that fails on one rank fails both (then the CLI still runs in the same group)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,11 @@ def test_the_world_record_shows_the_split(case, ranks):
         assert [r["groups"] for r in world["ranks"]] == [2, 0]
     else:
         assert all(r["groups"] > 0 for r in world["ranks"])
+
+
+def test_a_solve_failing_on_one_rank_fails_every_rank(launched):
+    messages = [json.loads((launched[0] / f"failure-rank{r}.json").read_text()) for r in (0, 1)]
+    assert messages == ["synthetic failure solving model.layers.1.self_attn.o_proj"] * 2  # no rank left waiting
 
 
 def test_cli_under_torchrun_matches_one_process_and_bad_input_fails_on_every_rank(launched, tmp_path, monkeypatch):

@@ -26,14 +26,13 @@ import argparse
 import json
 import logging
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from sparsegpt.data import calibration_ids, check_source, default_seqlen
+from sparsegpt.distributed_prune import agree
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
 from sparsegpt.models import check_model, load_model, save_model
@@ -41,7 +40,6 @@ from sparsegpt.sequential import PruneConfig, prune_model
 from sparsegpt.world import World, init_from_env
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,23 +113,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--base-mask {args.base_mask} is not a file; pass the mask.safetensors of the earlier stage")
 
 
-def _on_every_rank(world: World, step: Callable[[], T]) -> T:
-    """Run `step` on every rank; if it failed on any, fail on all (the same UserError message everywhere)."""
-    try:
-        value, error = step(), None
-    except Exception as e:
-        value, error = None, e
-    failed = [(r, e) for r, e in enumerate(world.gather_objects(
-        None if error is None else (isinstance(error, UserError), str(error).splitlines()[0] if str(error) else "")
-    )) if e is not None]
-    if error is not None:
-        raise error
-    if failed:
-        rank, (user, message) = failed[0]
-        raise UserError(message) if user else RuntimeError(f"rank {rank} failed: {message}")
-    return value
-
-
 def _device(arg: str | None, world: World) -> str:
     """--device, default cuda if available else cpu; under a multi-process launch, cuda is this rank's GPU."""
     device = arg or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,9 +139,9 @@ def _prepare(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace, world: World) -> int:
     """Load, calibrate, prune, verify, and write the folder atomically."""
-    cfg, base, model, tokenizer = _on_every_rank(world, lambda: _prepare(args))
+    cfg, base, model, tokenizer = agree(world, lambda: _prepare(args))
     seqlen = args.seqlen or default_seqlen(model)
-    calib = _on_every_rank(world, lambda: calibration_ids(args.calib, tokenizer, nsamples=args.nsamples,
+    calib = agree(world, lambda: calibration_ids(args.calib, tokenizer, nsamples=args.nsamples,
                                                           seqlen=seqlen, seed=args.seed) if world.is_main else None)
     calib = world.broadcast_object(calib)  # one calibration set, whatever each rank's tokenizer state
     result = prune_model(model, calib, cfg, base_masks=base, device=_device(args.device, world), world=world)
