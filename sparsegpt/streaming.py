@@ -18,8 +18,10 @@ own memory (safetensors' `save_file` serializes a whole shard into one buffer fi
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import math
 import os
 import struct
 import sys
@@ -54,6 +56,9 @@ _CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _CODE_OF = {dtype: code for code, dtype in _CODES.items()}
+# glibc keeps freed heap chunks resident when small live allocations (the layers' masks) sit between them; trimming
+# after each layer hands those pages back. Other C libraries have no malloc_trim: nothing to do there.
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 # -- the checkpoint: checked headers, tensors read into owned memory ------------------------------------------------
@@ -154,10 +159,7 @@ def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], in
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: the header entry of {name} is {spec!r} ({type(e).__name__}); expected a "
                             f"dtype of {sorted(_CODES)}, a shape and data_offsets") from e
-        numel = 1
-        for n in shape:
-            numel *= n
-        if not 0 <= start <= end or end - start != numel * dtype.itemsize:
+        if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
             raise UserError(f"{path}: {name} spans bytes {start}..{end} but is {spec['dtype']} {list(shape)}; the "
                             "file is corrupt")
         entries[name] = (dtype, shape, base + start, base + end)
@@ -340,6 +342,8 @@ class _Streamer(LayerAccess):
             prefix = f"{self.layers_path}.{index}."
             self.write(index + 2, [k for k in self.saved if k.startswith(prefix)])
         self.free(layer)
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
     def write_index(self) -> None:
         if sorted(self.weight_map) != sorted(self.saved):
