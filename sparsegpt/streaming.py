@@ -1,19 +1,12 @@
 """Layer-streamed pruning: the model is never whole in host memory while it is pruned.
 
-The skeleton is built without weights (`init_empty_weights(include_buffers=False)`: parameters on the meta
-device, buffers such as rotary `inv_freq` real, as `from_pretrained` computes them). The checkpoint is checked
-whole before anything is read (every shard present, every safetensors header parsed and its data size equal to
-the file's, every parameter stored with the model's shape). The parameters outside the decoder layers
-(embeddings, final norm, lm_head; a tied lm_head is the embedding) are read once for the capture pass, written to
-the output and freed when the first layer is entered. Each decoder layer is read from the checkpoint when
-`sequential.prune_model` enters it (`LayerAccess.enter`) and freed when it leaves; a pruned layer is first written
-to its own shard. The folder is built beside `out_dir` and renamed into place (`atomic.write_dir_atomically`),
-so a kill leaves a previous `out_dir` as it was.
-
-Tensors are read with plain file reads at the offsets of the checked header, into memory the model then owns:
-a `safe_open` tensor is a view of the file's mmap, whose pages would count as resident for as long as the weight
-lives, and copying out of it briefly holds every weight twice. Shards are written the same way, from the tensors'
-own memory (safetensors' `save_file` serializes a whole shard into one buffer first).
+A weightless skeleton (`init_empty_weights(include_buffers=False)`: parameters on meta, buffers such as rotary
+`inv_freq` real) is pruned by `sequential.prune_model` through a `LayerAccess` that reads each decoder layer from
+the checkpoint when it is entered and, once pruned, writes it to its own shard and frees it. The checkpoint is
+checked whole first; embeddings and head are read once and freed after the capture pass; the folder is renamed
+into place when complete. Tensors are read with plain reads at the checked header's offsets into memory the model
+owns (a `safe_open` tensor is a view of the mmap, resident as long as the weight lives) and written from their own
+memory (`save_file` first serializes a whole shard into one buffer).
 """
 
 from __future__ import annotations
@@ -43,6 +36,7 @@ from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
 from sparsegpt.models import DTYPES, resolve_model_path
 from sparsegpt.sequential import LayerAccess, PruneConfig, PruneResult, prune_model
+from sparsegpt.world import World
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -97,7 +91,7 @@ class Checkpoint:
                                     "checkpoint is inconsistent")
                 self.entries[name] = (path, *entry)
 
-    def shape(self, name: str) -> tuple[int, ...] | None:
+    def shape(self, name: str) -> tuple[int, ...] | None:  # None: not stored
         return self.entries[name][2] if name in self.entries else None
 
     def first_float_dtype(self) -> torch.dtype | None:
@@ -111,12 +105,8 @@ class Checkpoint:
         if da != db or ea - sa != eb - sb:
             return False
         with open(pa, "rb") as fa, open(pb, "rb") as fb:
-            fa.seek(sa)
-            fb.seek(sb)
-            for left in range(ea - sa, 0, -chunk):
-                if fa.read(min(chunk, left)) != fb.read(min(chunk, left)):
-                    return False
-        return True
+            fa.seek(sa), fb.seek(sb)
+            return all(fa.read(min(chunk, n)) == fb.read(min(chunk, n)) for n in range(ea - sa, 0, -chunk))
 
     def read(self, name: str, dtype: torch.dtype) -> Tensor:
         """The tensor `name` in `dtype`, read into memory it alone owns (no file mapping stays behind)."""
@@ -303,10 +293,10 @@ class _Streamer(LayerAccess):
                 memo[id(param)] = nn.Parameter(self.ckpt.read(stored, param.dtype), requires_grad=param.requires_grad)
             owner._parameters[key] = memo[id(param)]
 
-    def free(self, root: nn.Module, prefix: str = "", skip: str | None = None) -> None:
+    def free(self, root: nn.Module, skip: str | None = None) -> None:
         """Send the parameters under `root` back to the meta device (ties kept)."""
         memo: dict[int, nn.Parameter] = {}
-        for _, owner, key, is_param in self._parts(root, prefix, skip):
+        for _, owner, key, is_param in self._parts(root, "", skip):
             if is_param:
                 param = owner._parameters[key]
                 if id(param) not in memo:
@@ -315,7 +305,10 @@ class _Streamer(LayerAccess):
                 owner._parameters[key] = memo[id(param)]
 
     def write(self, shard: int, keys: list[str]) -> None:
-        """Write the saved tensors `keys` (from the model as it is now) to shard number `shard` (1-based)."""
+        """Write the saved tensors `keys` (from the model as it is now) to shard number `shard` (1-based), if this
+        process writes (a folder is set)."""
+        if self.folder is None:
+            return
         file = f"model-{shard:05d}-of-{self.shards:05d}.safetensors"
         tensors = {}
         for key in keys:
@@ -323,12 +316,6 @@ class _Streamer(LayerAccess):
             tensors[key] = getattr(self.model.get_submodule(owner), attr)
         self.total_size += _write_shard(self.folder / file, tensors)
         self.weight_map.update(dict.fromkeys(keys, file))
-
-    def load_rest(self) -> None:
-        self.load(self.model, skip=self.layers_path)
-        for name, buf in self.model.named_buffers():
-            if buf.is_meta:
-                raise RuntimeError(f"buffer {name} is on the meta device; the skeleton must keep buffers real")
 
     def enter(self, index: int, layer: nn.Module) -> None:
         if not self.rest_written:  # the capture pass is over: the embeddings and head are needed no more
@@ -367,15 +354,18 @@ def _source_folder(model_path: str | os.PathLike) -> Path:
 def prune_streamed(model_path: str | os.PathLike, calib_ids: Tensor, cfg: PruneConfig, out_dir: str | os.PathLike,
                    *, tokenizer: PreTrainedTokenizerBase | None = None, base_masks: MaskSet | None = None,
                    device: torch.device | str | None = None, dtype: str = "auto",
-                   extra_files: Callable[[PruneResult], Mapping[str, bytes]] | None = None) -> PruneResult:
+                   extra_files: Callable[[PruneResult], Mapping[str, bytes]] | None = None,
+                   world: World | None = None) -> PruneResult:
     """Prune the model in `model_path` (a local folder or the demo alias) one decoder layer in memory at a time and
     write it to `out_dir` (sharded safetensors + index, config, generation config, tokenizer, mask.safetensors,
     `extra_files(result)`), atomically, replacing an old one. Same weights and masks, bit for bit, as
-    `load_model(model_path, dtype=dtype)` + `prune_model(..., device=device)` + `save_model` + `MaskSet.save`.
-    `device` None computes on the CPU; `tokenizer` None copies the source folder's."""
+    `load_model(model_path, dtype=dtype)` + `prune_model(..., device=device, world=world)` + `save_model` +
+    `MaskSet.save`. `device` None computes on the CPU; `tokenizer` None copies the source folder's. Every rank of
+    `world` (default `World.current()`) must call it; rank 0 writes, every rank returns once the folder is in place."""
     if sys.byteorder != "little":
         raise UserError("streamed pruning reads safetensors (little-endian) directly; use a little-endian host")
     cfg.validate()
+    world = world or World.current()
     folder, out_dir = _source_folder(model_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"cannot save a model to {out_dir}: it exists and is not a folder")
@@ -388,12 +378,15 @@ def prune_streamed(model_path: str | os.PathLike, calib_ids: Tensor, cfg: PruneC
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except OSError as e:
             raise UserError(f"cannot read the tokenizer in {folder} ({e}); pass tokenizer= or add its files") from e
-    streamer.load_rest()
+    streamer.load(model, skip=streamer.layers_path)  # embeddings, final norm, head: for the capture pass
     outcome: dict[str, PruneResult] = {}
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path | None) -> None:  # None: a rank other than 0 (reads and frees its layers, writes nothing)
         streamer.folder = tmp
-        result = prune_model(model, calib_ids, cfg, base_masks=base_masks, device=device or "cpu", access=streamer)
+        result = outcome["result"] = prune_model(model, calib_ids, cfg, base_masks=base_masks,
+                                                 device=device or "cpu", access=streamer, world=world)
+        if tmp is None:
+            return
         streamer.write_index()
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
@@ -406,9 +399,18 @@ def prune_streamed(model_path: str | os.PathLike, calib_ids: Tensor, cfg: PruneC
                 raise UserError(f"extra file name {name!r} must be a relative path inside the model folder")
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
-        outcome["result"] = result
 
-    write_dir_atomically(out_dir, write, replace=True)
+    failure = None
+    try:
+        write_dir_atomically(out_dir, write, replace=True) if world.is_main else write(None)
+    except Exception as e:  # every rank hears of it, so none waits for a folder that will not come
+        failure = e
+    errors = world.gather_objects(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    failed = [(rank, error) for rank, error in enumerate(errors) if error]
+    if failed:
+        raise RuntimeError(f"rank {failed[0][0]} failed while {out_dir} was written: {failed[0][1]}")
     log.info("streamed %s -> %s: %d shards, %.1f MB of tensors", folder, out_dir, streamer.shards,
              streamer.total_size / 2**20)
     return outcome["result"]

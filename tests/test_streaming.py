@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,45 @@ def test_kill_during_the_write_keeps_the_previous_folder(sources, sharded, calib
     prune_streamed(sources["llama"], calib, cfg, out)
     in_memory(sources["llama"], calib, cfg, tmp_path / "memory")
     assert_same_folders(out, tmp_path / "memory")
+
+
+TWO_RANKS = """
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file
+from sparsegpt.models import load_model, save_model
+from sparsegpt.sequential import PruneConfig, prune_model
+from sparsegpt.streaming import prune_streamed
+from sparsegpt.world import init_from_env
+world = init_from_env()
+source, calib, out = sys.argv[1], load_file(sys.argv[2])["ids"], Path(sys.argv[3])
+cfg = PruneConfig(sparsity=0.5, batch_size=2, allocation="owl", owl_lambda=0.2)
+model, tok = load_model(source)
+masks = prune_model(model, calib, cfg, world=world).masks
+if world.is_main:
+    save_model(model, tok, out / "memory")
+    masks.save(out / "memory" / "mask.safetensors")
+result = prune_streamed(source, calib, cfg, out / "stream", world=world)
+(out / f"rank{world.rank}.json").write_text(json.dumps({"in_place": (out / "stream" / "config.json").is_file(),
+                                                        "world": result.world}))
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_like_the_distributed_in_memory_pass(sources, calib, tmp_path):
+    """Under a 2-process gloo group every rank streams its layers, rank 0 writes: bit for bit the in-memory pass."""
+    script, ids = tmp_path / "two_ranks.py", tmp_path / "calib.safetensors"
+    script.write_text(TWO_RANKS)
+    save_file({"ids": calib.contiguous()}, str(ids))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SPARSEGPT_NO_PROGRESS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), str(sources["llama-tied"]), str(ids), str(tmp_path)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_folders(tmp_path / "stream", tmp_path / "memory")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["in_place"] for r in ranks)  # rank 1 returned only after rank 0 renamed the folder in
+    assert [row["calibration_rows"] for row in ranks[0]["world"]["ranks"]] == [2, 2]
