@@ -126,8 +126,10 @@ def test_second_stage_from_a_sharded_checkpoint_with_base_masks(sharded, calib, 
     base = MaskSet.load(sharded / "mask.safetensors")
     cfg = PruneConfig(sparsity=0.7, batch_size=2, allocation="owl", owl_lambda=0.05)
     in_memory(sharded, calib, cfg, tmp_path / "memory", base=base)
-    result = prune_streamed(sharded, calib, cfg, tmp_path / "stream", base_masks=base)
+    result = prune_streamed(sharded, calib, cfg, tmp_path / "stream", base_masks=base,
+                            extra_files=lambda r: {"sparsity.json": json.dumps(r.masks.sparsity()).encode()})
     assert_same_folders(tmp_path / "stream", tmp_path / "memory")
+    assert json.loads((tmp_path / "stream" / "sparsity.json").read_text()) == result.masks.sparsity()
     assert all(bool((result.masks.masks[n] | ~base.masks[n]).all()) for n in base.masks)  # nothing revived
 
 
