@@ -80,11 +80,12 @@ class Recording(LayerAccess):
 
 
 def fail_on_one_rank() -> str:
-    """Prune with layer 1's o_proj solve (group 1: rank 1's) raising; the UserError each rank ends with."""
+    """Prune with layer 1's gate/up solve raising (rank 1's: `balance` gives rank 0 down_proj and o_proj); the
+    UserError each rank ends with."""
     solve = sequential._solve_group
 
     def failing(group, *args, **kwargs):
-        if group[0].endswith("layers.1.self_attn.o_proj"):
+        if group[0].endswith("layers.1.mlp.gate_proj"):
             raise UserError(f"synthetic failure solving {group[0]}")
         return solve(group, *args, **kwargs)
 

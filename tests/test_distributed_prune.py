@@ -99,7 +99,7 @@ def test_the_world_record_shows_the_split(case, ranks):
 
 def test_a_solve_failing_on_one_rank_fails_every_rank(launched):
     messages = [json.loads((launched[0] / f"failure-rank{r}.json").read_text()) for r in (0, 1)]
-    assert messages == ["synthetic failure solving model.layers.1.self_attn.o_proj"] * 2  # no rank left waiting
+    assert messages == ["synthetic failure solving model.layers.1.mlp.gate_proj"] * 2  # no rank left waiting
 
 
 def test_cli_under_torchrun_matches_one_process_and_bad_input_fails_on_every_rank(launched, tmp_path, monkeypatch):
