@@ -6,7 +6,7 @@ position ids, rotary cos/sin per layer type, alibi, ...) are captured from the m
 (`sparsegpt.capture`), so no per-family driver code is needed and models mixing attention types are replayed
 exactly. Fused MoE experts get one Hessian per expert from the tokens routed to it (`sparsegpt.experts`).
 Only the current layer is moved to `device`. Under a process group every rank takes part: its share of the
-calibration rows, Hessians summed by all-reduce, the layer's groups solved round robin and broadcast
+calibration rows, Hessians summed by all-reduce, the layer's groups spread over the ranks and broadcast
 (`sparsegpt.distributed_prune`); a world of one is the single-process pass.
 """
 
