@@ -136,6 +136,8 @@ def run_child(args: argparse.Namespace, mode: str, count: bool, tmp: Path) -> di
     cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}"
             for k in ("model", "nsamples", "seqlen", "batch_size", "sparsity", "threads")]
     env = {**os.environ, "SPARSEGPT_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(args.threads)}
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
     result = {"mode": mode, "count": count, "folder": folder, **json.loads(done.stdout.strip().splitlines()[-1])}
     print({k: v for k, v in result.items() if k != "folder"}, flush=True)
@@ -157,6 +159,7 @@ def report(args, argv, started, loads, size, source, runs, same) -> str:
         f"float32 ({source})",
         "- peak = VmHWM at the end of the child minus its VmRSS right after the imports (torch, transformers, "
         "sparsegpt); max RssAnon / RssFile: largest absolute values sampled every 20 ms",
+        f"- glibc malloc: {f'MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}' if args.mmap_threshold else 'defaults'}",
         "- mask count `sum`: the code as it is; `count_nonzero`: `PackedMasks.add` counting with count_nonzero "
         "(see the script's docstring)",
         f"- output folders bitwise identical (weights and masks): {same}",
@@ -182,6 +185,10 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", action="store_true", help="also run both paths with the count_nonzero mask count")
+    p.add_argument("--only-count", action="store_true", help="run both paths with the count_nonzero mask count only")
+    p.add_argument("--mmap-threshold", type=int,
+                   help="children run with MALLOC_MMAP_THRESHOLD_=BYTES (glibc: a fixed threshold, so freed large "
+                        "buffers go back to the OS at once instead of staying in the heap)")
     p.add_argument("--out", type=Path, help="Markdown report to write")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -198,8 +205,8 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(source)
         calib = calibration_ids(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
         save_file({"ids": calib.contiguous()}, str(tmp / "calib.safetensors"))
-        runs = [run_child(args, mode, count, tmp) for count in ((False, True) if args.variants else (False,))
-                for mode in MODES]
+        counts = (True,) if args.only_count else (False, True) if args.variants else (False,)
+        runs = [run_child(args, mode, count, tmp) for count in counts for mode in MODES]
         same = "; ".join(f"{'count_nonzero' if count else 'sum'}: "
                          + identical(*(r["folder"] for r in runs if r["count"] == count))
                          for count in dict.fromkeys(r["count"] for r in runs))
