@@ -37,30 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from sparsegpt.architectures import ExpertLinear, set_weight_from_linear, weight_as_linear
-from sparsegpt.errors import UserError
-from sparsegpt.world import World, collective_device
+from sparsegpt.world import World, agree, collective_device
 
 T = TypeVar("T")
-
-
-def agree(world: World, step: Callable[[], T]) -> T:
-    """`step()` here; if it raised on any rank, raise on every rank: the failing rank its own exception, the others
-    a UserError with its one-line message (a RuntimeError naming the rank when it was not a UserError). One gather;
-    a world of one just runs `step`."""
-    if world.size == 1:
-        return step()
-    try:
-        value, error = step(), None
-    except Exception as e:  # re-raised below, after every rank has heard of it
-        value, error = None, e
-    report = None if error is None else (isinstance(error, UserError), (str(error).splitlines() or [""])[0])
-    failed = [(rank, r) for rank, r in enumerate(world.gather_objects(report)) if r is not None]
-    if error is not None:
-        raise error
-    if failed:
-        rank, (user, message) = failed[0]
-        raise UserError(message) if user else RuntimeError(f"rank {rank} failed: {message}")
-    return value
 
 
 def all_reduce_(world: World, tensor: Tensor) -> Tensor:

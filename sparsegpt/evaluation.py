@@ -40,8 +40,8 @@ from sparsegpt.architectures import decoder_layers, prunable_linears, weight_as_
 from sparsegpt.data import default_seqlen, eval_ids
 from sparsegpt.errors import UserError
 from sparsegpt.hooks import HOOKS, HookContext, hook_name, require_lm_eval, resolve_callable, runner, validate_hooks
-from sparsegpt.perplexity import RankFailed, distributed_perplexity, eval_mode, on_every_rank, perplexity, place
-from sparsegpt.world import World
+from sparsegpt.perplexity import distributed_perplexity, eval_mode, perplexity, place
+from sparsegpt.world import RankFailed, World, on_every_rank
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

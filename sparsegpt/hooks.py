@@ -8,7 +8,7 @@ Ranks (`HookType.ranks`), when `evaluation.run_hooks` is called on every rank of
 run on rank 0 alone and the others receive their outcome (samples, sparsity, lm-eval, custom hooks: a custom hook
 is a main-process function and must not use collectives); "all" hooks run on every rank and split their work over
 the ranks (perplexity). An "all" runner returns `(metrics, shares)`, shares = the work each rank did, in rank
-order, and must reach its collectives on every rank or fail on every rank (see `perplexity.on_every_rank`).
+order, and must reach its collectives on every rank or fail on every rank (see `world.on_every_rank`).
 
 To add a hook type: one `HookType` entry below and its runner function (built-in ones live in
 `sparsegpt/evaluation.py`, named `run_<type>_hook`).

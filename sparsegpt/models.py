@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -105,11 +106,40 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: 
                         f"local model folder, a .gguf file or {DEMO_MODEL!r}") from e
     model.config.use_cache = False
     model.to(device).eval()
+    return model, _with_pad_token(tokenizer, path)
+
+
+def _with_pad_token(tokenizer: PreTrainedTokenizerBase, path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer, padding with eos if it names no pad token."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer of {path} has neither a pad nor an eos token; add one to its files")
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` would return for this model, without loading the model."""
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of {path} ({_first_line(e)}); expected tokenizer files") from e
+    return _with_pad_token(tokenizer, path)
+
+
+def local_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local Hugging Face folder for the model: the folder itself, the converted GGUF, or a hub model's files
+    (config, tokenizer, safetensors) downloaded into the hub cache once; what streamed pruning reads."""
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                             "*.jinja", "tokenizer*"]))
+    except Exception as e:  # offline, gated, missing: one line naming the model
+        raise UserError(f"cannot download {path!r} from the Hugging Face hub ({_first_line(e)}); use a local "
+                        f"model folder") from e
 
 
 def load_for_training(name_or_path: str | os.PathLike, accelerator: Accelerator, *, dtype: str = "auto"

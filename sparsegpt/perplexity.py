@@ -4,7 +4,7 @@ a time (so no model has to fit one device), and the two helpers every evaluation
 
 A world of several ranks (`world.World.current()`): every rank calls `perplexity` / `distributed_perplexity` with
 the same windows, evaluates its contiguous share, and one gather of (NLL sum, tokens, windows) gives every rank the
-same result. `on_every_rank` is that gather's pattern for any step that can fail on some ranks only: a failure
+same result. `world.on_every_rank` is that gather's pattern for any step that can fail on some ranks only: a failure
 anywhere makes every rank raise, so none is left waiting in a collective.
 """
 
@@ -21,33 +21,12 @@ from torch import nn
 
 from sparsegpt.errors import UserError
 from sparsegpt.sequential import layerwise_hidden_states
-from sparsegpt.world import World
+from sparsegpt.world import World, on_every_rank
 
 T = TypeVar("T")
 
 
 # -- steps every rank takes together ------------------------------------------------------------------------
-
-class RankFailed(RuntimeError):
-    """Another rank failed in a step every rank takes together, so this one stops too."""
-
-
-def on_every_rank(world: World, fn: Callable[[], T]) -> list[T]:
-    """fn() on this rank, then one gather of every rank's outcome: the results in rank order, or, if any rank
-    raised, an exception on every rank (its own on a failed rank, RankFailed naming the first failed one elsewhere).
-    Work that can fail on some ranks only goes inside fn, so no rank waits in a collective a failed one never joins."""
-    try:
-        result, error = fn(), None
-    except Exception as e:
-        result, error = None, e
-    outcomes = world.gather_objects((result, None if error is None else f"{type(error).__name__}: {error}"))
-    if error is not None:
-        raise error
-    failed = [(rank, message) for rank, (_, message) in enumerate(outcomes) if message is not None]
-    if failed:
-        raise RankFailed(f"rank {failed[0][0]} failed: {failed[0][1]}")
-    return [r for r, _ in outcomes]
-
 
 # -- perplexity ---------------------------------------------------------------------------------------------
 

@@ -32,13 +32,13 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, is_tensorboard_available, is_wandb_available
-from transformers import AutoConfig, AutoTokenizer
+from accelerate.utils import broadcast_object_list
+from transformers import AutoConfig
 
 from sparsegpt.checkpoint import save_finetuned
 from sparsegpt.compact import export, folder_masks, is_compact
 from sparsegpt.compare import flatten_for_trackers, format_stage_table
-from sparsegpt.data import calibration_ids, check_source, default_seqlen, train_ids, train_tokens
+from sparsegpt.data import calibration_ids, default_seqlen, train_ids
 from sparsegpt.distill import KDConfig
 from sparsegpt.dsconfig import (
     cpu_deepspeed_handlers,
@@ -53,10 +53,19 @@ from sparsegpt.hooks import HOOKS, HookContext
 from sparsegpt.lora import LoraSettings
 from sparsegpt.masks import MaskSet
 from sparsegpt.memory import plan_for
-from sparsegpt.models import check_model, load_for_training, load_model, resolve_model_path, save_model
+from sparsegpt.models import (
+    load_for_training,
+    load_model,
+    load_tokenizer,
+    local_folder,
+    resolve_model_path,
+    save_model,
+)
+from sparsegpt.preflight import check_data, check_inputs, check_shared, on_main_then_everywhere
 from sparsegpt.recipe import Recipe, ResolvedStage, load_recipe, to_dataclass
 from sparsegpt.rundir import Phase, RunDir, RunState
 from sparsegpt.sequential import PruneConfig, prune_model
+from sparsegpt.streaming import prune_streamed
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +145,13 @@ class Scheduler:
         """One-shot prune of the previous stage's model to this stage's target (target 0: keep it as is). Every
         rank holds the model and calibrates its share of the set (`sequential.prune_model` over World.current());
         all end with the same weights; the main process writes the folder."""
-        model, tok = self._load(self._input_dir(stage))
         base = folder_masks(self._input_dir(stage)) if stage.index > 0 else None
         report: dict = {"world_size": self.acc.num_processes}
+        out = self._dir(stage) / "pruned"
+        if stage.prune.stream and (stage.sparsity or stage.prune_n):
+            self._prune_streamed(stage, base, report, out)
+            return
+        model, tok = self._load(self._input_dir(stage))
         if stage.sparsity == 0 and not stage.prune_n:
             masks = base if base is not None else MaskSet.from_model(model)
         else:
@@ -148,11 +161,28 @@ class Scheduler:
             result = prune_model(model, calib, prune_config(stage), base_masks=base, device=self.acc.device)
             masks = result.masks
             report.update(seconds=round(result.seconds, 3), world=result.world, linears=result.stats)
-        out = self._dir(stage) / "pruned"
         if self.is_main:
             save_model(model, tok, out, extra_files={PRUNE_REPORT: json.dumps(report, indent=1).encode()})
             masks.save(out / "mask.safetensors")
         self._live = (out, model, tok, masks)
+
+    def _prune_streamed(self, stage: ResolvedStage, base: MaskSet | None, report: dict, out: Path) -> None:
+        """`prune.stream`: one decoder layer in host memory at a time, read from the input folder's safetensors
+        and (main process) written to `out` (`streaming.prune_streamed`); the model is not kept in memory."""
+        source = local_folder(self._input_dir(stage))
+        tok, config = load_tokenizer(source), AutoConfig.from_pretrained(source)
+        p = stage.prune
+        calib = calibration_ids(self.recipe.data.calibration, tok, nsamples=p.nsamples,
+                                seqlen=p.seqlen or default_seqlen(config), seed=self.recipe.seed)
+
+        def files(result) -> dict[str, bytes]:
+            report.update(seconds=round(result.seconds, 3), world=result.world, linears=result.stats, streamed=True)
+            return {PRUNE_REPORT: json.dumps(report, indent=1).encode()}
+
+        self._release()
+        with whole_models(self.acc):  # the skeleton must not be built under ZeRO-3's zero.Init
+            prune_streamed(source, calib, prune_config(stage), out, tokenizer=tok, base_masks=base,
+                           device=self.acc.device, dtype=self.recipe.dtype, extra_files=files)
 
     def evaluate(self, stage: ResolvedStage, phase: str) -> None:
         """Every rank: the stage's hooks on the model `phase` left ("pruned" or "finetuned"), distributed hooks
@@ -275,8 +305,8 @@ def _prune_shares(folder: Path) -> dict:
     path = folder / PRUNE_REPORT
     if not path.is_file():
         return {}
-    world = json.loads(path.read_text()).get("world") or {}
-    return {"prune_ranks": world.get("ranks", [])}
+    report = json.loads(path.read_text())
+    return {"prune_ranks": (report.get("world") or {}).get("ranks", []), "streamed": report.get("streamed", False)}
 
 
 def _short(metrics: dict) -> str:
@@ -303,78 +333,6 @@ def finetune_config(stage: ResolvedStage, recipe: Recipe, *, world_size: int, se
                         micro_batch_size=d.micro_batch_size, grad_accum=d.grad_accum,
                         kd=to_dataclass(KDConfig, f.kd) if f.kd is not None else None,
                         lora=to_dataclass(LoraSettings, f.lora) if f.lora is not None else None)
-
-
-# -- before anything is written ----------------------------------------------------------------------------------
-
-def check_inputs(recipe: Recipe, rd: RunDir) -> None:
-    """What needs no model: the model and sources can be found, trackers are installed, the run dir is this
-    recipe's (or new). Every rank runs it; it writes nothing."""
-    check_model(recipe.model)
-    for tracker, available in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available)):
-        if tracker in recipe.trackers and not available():
-            raise UserError(f"trackers: {tracker} is not installed; pip install {tracker}, or remove it from trackers")
-    for source in {recipe.data.calibration, recipe.data.finetune, *recipe.data.eval}:
-        check_source(source)
-    rd.check(recipe)
-
-
-def check_data(recipe: Recipe, world_size: int) -> None:
-    """What needs the tokenizer: every stage's calibration set fits the calibration text, and the fine-tuning text
-    holds one optimizer step. Main process only (it may convert a GGUF model into the model cache, not the run).
-    Each source's train split is tokenized once, whatever the number of stages."""
-    path = resolve_model_path(recipe.model)
-    tok, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
-    d, data = recipe.distributed, recipe.data
-    tokens: dict[str, tuple[torch.Tensor, bool]] = {}
-
-    def count(source: str) -> tuple[int, bool]:
-        if source not in tokens:
-            tokens[source] = train_tokens(source, tok)
-        ids, documents = tokens[source]
-        return len(ids), documents
-
-    for stage in recipe.resolved_stages():
-        p = stage.prune
-        seqlen = p.seqlen or default_seqlen(config)
-        if stage.sparsity or stage.prune_n:
-            n, documents = count(data.calibration)
-            if not documents and n < p.nsamples * seqlen:
-                raise UserError(f"{data.calibration} train has {n} tokens; {p.nsamples} × {seqlen} = "
-                                f"{p.nsamples * seqlen} needed for calibration; lower nsamples or seqlen")
-        if stage.finetune is not None:
-            ft_seqlen = stage.finetune.seqlen or seqlen
-            rows = count(data.finetune)[0] // ft_seqlen
-            need = d.micro_batch_size * d.grad_accum * world_size
-            if rows < need:
-                raise UserError(f"stages[{stage.index}].finetune: {data.finetune} train has {rows} blocks of "
-                                f"{ft_seqlen} tokens but one optimizer step needs {need} (micro_batch_size x "
-                                "grad_accum x processes); use more text, a shorter seqlen or smaller batches")
-
-
-def _on_main_then_everywhere(accelerator: Accelerator, check: Callable[[], None]) -> None:
-    """Run `check` on the main process; its UserError is raised on every rank (so none waits forever)."""
-    box: list[str | None] = [None]
-    if accelerator.is_main_process:
-        try:
-            check()
-        except UserError as e:
-            box[0] = str(e)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    if box[0] is not None:
-        raise UserError(box[0])
-
-
-def check_shared(accelerator: Accelerator, rd: RunDir) -> None:
-    """UserError on every rank unless every rank sees the run dir the main process created: stage models,
-    checkpoints and state go through it, so it must be on a filesystem all ranks share."""
-    if accelerator.num_processes == 1:
-        return
-    blind = [rank for rank, seen in enumerate(gather_object([rd.recipe_path.is_file()])) if not seen]
-    if blind:
-        raise UserError(f"run dir {rd.root} is not visible from rank(s) {blind}: every rank reads and writes it, so "
-                        "put it on a filesystem all nodes share (NFS, Lustre, ...) and pass that path as --run-dir")
 
 
 def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
@@ -412,7 +370,7 @@ def run(recipe_path: Path, run_dir: Path | None = None, *, dry_run: bool = False
     rd = RunDir(run_dir or Path("runs") / recipe.name)
     check_inputs(recipe, rd)
     accelerator = build_accelerator(recipe, rd.root)
-    _on_main_then_everywhere(accelerator, lambda: check_data(recipe, accelerator.num_processes))
+    on_main_then_everywhere(accelerator, lambda: check_data(recipe, accelerator.num_processes))
     if accelerator.is_main_process:
         log.info("accelerator: %s, %d process(es), zero stage %d", accelerator.distributed_type.value,
                  accelerator.num_processes, recipe.distributed.zero_stage)

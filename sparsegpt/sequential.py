@@ -34,13 +34,13 @@ from sparsegpt.architectures import (
 )
 from sparsegpt.baselines import PRUNERS
 from sparsegpt.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
-from sparsegpt.distributed_prune import RankPass, agree
+from sparsegpt.distributed_prune import RankPass
 from sparsegpt.errors import UserError
 from sparsegpt.experts import ExpertHessians
 from sparsegpt.failpoints import failpoint
 from sparsegpt.masks import MaskSet
 from sparsegpt.solver import inverse_hessian_factor, prune_group_with_factor, reconstruction_error
-from sparsegpt.world import World
+from sparsegpt.world import World, agree
 
 log = logging.getLogger(__name__)
 

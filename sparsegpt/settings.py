@@ -99,6 +99,7 @@ class PruneSettings(_Strict):
     exclude: str | None = None
     batch_size: int = Field(8, ge=1)
     offload_activations: bool = False
+    stream: bool = False  # one decoder layer in host memory at a time, read from and written to safetensors
     shared_hessian: bool = True  # linears that read one input share one Hessian, inverse and column loop
     dtype: Literal["float32", "float64"] = "float32"  # the solver's compute dtype; the model keeps its own
     prune_router: bool = False  # MoE routers (gates) stay dense unless asked

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from sparsegpt.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -98,3 +103,46 @@ def collective_device(device: torch.device | str) -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
+
+
+# -- steps that can fail on some ranks only: fail on every rank, so none waits in a collective ----------------
+
+class RankFailed(RuntimeError):
+    """Another rank failed in a step every rank takes together, so this one stops too."""
+
+
+def on_every_rank(world: World, fn: Callable[[], T]) -> list[T]:
+    """fn() on this rank, then one gather of every rank's outcome: the results in rank order, or, if any rank
+    raised, an exception on every rank (its own on a failed rank, RankFailed naming the first failed one elsewhere).
+    Work that can fail on some ranks only goes inside fn, so no rank waits in a collective a failed one never joins."""
+    try:
+        result, error = fn(), None
+    except Exception as e:
+        result, error = None, e
+    outcomes = world.gather_objects((result, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (_, message) in enumerate(outcomes) if message is not None]
+    if failed:
+        raise RankFailed(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    return [r for r, _ in outcomes]
+
+
+def agree(world: World, step: Callable[[], T]) -> T:
+    """`step()` here; if it raised on any rank, raise on every rank: the failing rank its own exception, the others
+    a UserError with its one-line message (RankFailed naming the rank when it was not a UserError). One gather;
+    a world of one just runs `step`."""
+    if world.size == 1:
+        return step()
+    try:
+        value, error = step(), None
+    except Exception as e:  # re-raised below, after every rank has heard of it
+        value, error = None, e
+    report = None if error is None else (isinstance(error, UserError), (str(error).splitlines() or [""])[0])
+    failed = [(rank, r) for rank, r in enumerate(world.gather_objects(report)) if r is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, (user, message) = failed[0]
+        raise UserError(message) if user else RankFailed(f"rank {rank} failed: {message}")
+    return value

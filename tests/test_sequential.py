@@ -303,6 +303,21 @@ def test_cli_prune_then_prune_further(prune_cli, tiny_llama_dir, tmp_path):
         assert (mask | ~masks1.masks[name]).all()
 
 
+def test_cli_stream_writes_what_the_in_memory_prune_writes(prune_cli, tiny_llama_dir, tmp_path):
+    common = ["--model", tiny_llama_dir, "--sparsity", 0.6, "--calib", "stdlib-docs", "--nsamples", 4, "--seqlen", 16,
+              "--batch-size", 3, "--device", "cpu", "--blocksize", 16]
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    assert prune_cli(*common, "--out", whole) == 0 and prune_cli(*common, "--stream", "--out", streamed) == 0
+    a = T.AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    b = T.AutoModelForCausalLM.from_pretrained(streamed).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = MaskSet.load(whole / "mask.safetensors"), MaskSet.load(streamed / "mask.safetensors")
+    assert all(torch.equal(ma.masks[n], mb.masks[n]) for n in ma.masks)
+    report, reference = (json.loads((out / "sparsity.json").read_text()) for out in (streamed, whole))
+    assert report["streamed"] and not reference["streamed"]
+    assert (report["sparsity"], report["per_linear"]) == (reference["sparsity"], reference["per_linear"])
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--nm", "2-4"], "--nm '2-4' is not N:M"),
     (["--nm", "4:2"], "N:M needs 0 < N < M"),

@@ -80,7 +80,8 @@ NOT_IN_RECIPE = {
 }
 # Recipe fields that are not the library config's, and why:
 NOT_IN_CONFIG = {
-    PruneSettings: {"nsamples", "seqlen"},                       # size the calibration data (an argument)
+    PruneSettings: {"nsamples", "seqlen",                        # size the calibration data (an argument)
+                    "stream"},                                   # how the scheduler holds the model (streaming)
     FinetuneSettings: {"tokens", "warmup_ratio", "seqlen"},      # become steps / warmup_steps / the data's shape
     KDSettings: {"teacher"},                                     # which model is loaded as the teacher
     LoraSection: set(),

@@ -30,14 +30,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig
 
 from sparsegpt.data import calibration_ids, check_source, default_seqlen
-from sparsegpt.distributed_prune import agree
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
-from sparsegpt.models import check_model, load_model, save_model
+from sparsegpt.models import check_model, load_model, load_tokenizer, local_folder, save_model
 from sparsegpt.sequential import PruneConfig, prune_model
-from sparsegpt.world import World, init_from_env
+from sparsegpt.streaming import prune_streamed
+from sparsegpt.world import World, agree, init_from_env
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-mask", type=Path, help="mask.safetensors of an earlier stage: its zeros stay zero")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per layer forward")
     p.add_argument("--offload-activations", action="store_true", help="keep layer inputs on CPU between layers")
+    p.add_argument("--stream", action="store_true",
+                   help="hold one decoder layer in host memory at a time: read from the model folder's safetensors, "
+                        "written to --out as it is pruned (same result, bit for bit; a hub model is downloaded first)")
     p.add_argument("--per-linear-hessian", action="store_true",
                    help="one Hessian per linear instead of one per shared input (q/k/v, gate/up); slower, same result")
     p.add_argument("--prune-router", action="store_true", help="MoE: also prune the routers (gates); default dense")
@@ -137,24 +141,55 @@ def _prepare(args: argparse.Namespace):
     return (cfg, base, *load_model(args.model, dtype=args.dtype, device="cpu"))
 
 
+def _calibration(args: argparse.Namespace, tokenizer, seqlen: int, world: World):
+    calib = agree(world, lambda: calibration_ids(args.calib, tokenizer, nsamples=args.nsamples,
+                                                 seqlen=seqlen, seed=args.seed) if world.is_main else None)
+    return world.broadcast_object(calib)  # one calibration set, whatever each rank's tokenizer state
+
+
+def _report(args: argparse.Namespace, cfg: PruneConfig, seqlen: int, result, per_linear: dict) -> dict:
+    return {"model": args.model, "method": cfg.method, "target": cfg.target, "nm": args.nm,
+            "allocation": cfg.allocation, "prune_router": cfg.prune_router,
+            "prune_shared_experts": cfg.prune_shared_experts, "min_expert_tokens": cfg.min_expert_tokens,
+            "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen, "streamed": args.stream,
+            "sparsity": result.masks.sparsity(), "per_linear": per_linear, "stats": result.stats,
+            "seconds": result.seconds, "world": result.world}
+
+
+def _run_streamed(args: argparse.Namespace, world: World) -> int:
+    """--stream: one decoder layer in host memory at a time (`streaming.prune_streamed`; rank 0 writes)."""
+    def prepare():
+        cfg = _config(args)
+        _check_args(args)
+        base = MaskSet.load(args.base_mask) if args.base_mask is not None else None
+        folder = local_folder(args.model)
+        return cfg, base, folder, load_tokenizer(folder), AutoConfig.from_pretrained(folder)
+
+    cfg, base, folder, tokenizer, config = agree(world, prepare)
+    seqlen = args.seqlen or default_seqlen(config)
+    calib = _calibration(args, tokenizer, seqlen, world)
+    result = prune_streamed(folder, calib, cfg, args.out, tokenizer=tokenizer, base_masks=base,
+                            device=_device(args.device, world), dtype=args.dtype, world=world, extra_files=lambda r: {
+                                "sparsity.json": json.dumps(_report(args, cfg, seqlen, r, r.masks.per_module()),
+                                                            indent=1).encode()})
+    if world.is_main:
+        log.info("pruned %s to %.4f sparsity (%s, target %.4f, streamed) in %.1fs on %d process(es) -> %s",
+                 args.model, result.masks.sparsity(), cfg.method, cfg.target, result.seconds, world.size, args.out)
+    return 0
+
+
 def _run(args: argparse.Namespace, world: World) -> int:
     """Load, calibrate, prune, verify, and write the folder atomically."""
+    if args.stream:
+        return _run_streamed(args, world)
     cfg, base, model, tokenizer = agree(world, lambda: _prepare(args))
     seqlen = args.seqlen or default_seqlen(model)
-    calib = agree(world, lambda: calibration_ids(args.calib, tokenizer, nsamples=args.nsamples,
-                                                          seqlen=seqlen, seed=args.seed) if world.is_main else None)
-    calib = world.broadcast_object(calib)  # one calibration set, whatever each rank's tokenizer state
+    calib = _calibration(args, tokenizer, seqlen, world)
     result = prune_model(model, calib, cfg, base_masks=base, device=_device(args.device, world), world=world)
     if not world.is_main:
         world.barrier()  # the main process writes the folder
         return 0
-    per_linear = result.masks.verify(model)
-    report = {"model": args.model, "method": cfg.method, "target": cfg.target, "nm": args.nm,
-              "allocation": cfg.allocation, "prune_router": cfg.prune_router,
-              "prune_shared_experts": cfg.prune_shared_experts, "min_expert_tokens": cfg.min_expert_tokens,
-              "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
-              "sparsity": result.masks.sparsity(), "per_linear": per_linear, "stats": result.stats,
-              "seconds": result.seconds, "world": result.world}
+    report = _report(args, cfg, seqlen, result, result.masks.verify(model))
     with tempfile.TemporaryDirectory() as tmp:
         result.masks.save(Path(tmp) / "mask.safetensors")
         extra = {"mask.safetensors": (Path(tmp) / "mask.safetensors").read_bytes(),
