@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_prune_worker import CASES, build, outcome
+from launching import free_port
 
 from sparsegpt import cli
 from sparsegpt.masks import MaskSet
@@ -27,12 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, make_tiny_model, tiny_tokenizer) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """One 2-process torchrun of the worker: every library case, then `sparsegpt prune` on a saved tiny Llama."""
@@ -40,7 +34,7 @@ def launched(tmp_path_factory, make_tiny_model, tiny_tokenizer) -> tuple[Path, P
     save_model(make_tiny_model("llama"), tiny_tokenizer, model_dir)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SPARSEGPT_NO_PROGRESS": "1",
            "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "tests/dist_prune_worker.py", str(out), str(model_dir)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pydoc_data.topics import topics
 
 import pytest
 import torch
+from launching import free_port
 from safetensors.torch import load_file
 from zero_worker import magnitude_prune
 
@@ -62,12 +62,6 @@ def header_form(config: str, form: str) -> str:
     return " ".join(p.strip() for p in parts)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_launch(config: str, script: list[str], finetune_args: list[str],
                timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the CONFIG header's CPU form, with `script` (e.g. ["-m", "sparsegpt.cli"]) and the arguments after
@@ -85,9 +79,9 @@ def cpu_launch(config: str, script: list[str], finetune_args: list[str],
     launcher = words[:at]
     if program == "accelerate":
         assert launcher[0] == "launch", launcher
-        launcher = launcher[:1] + [PORT_FLAG[program], str(_free_port())] + launcher[1:]
+        launcher = launcher[:1] + [PORT_FLAG[program], str(free_port())] + launcher[1:]
     else:
-        launcher = [PORT_FLAG[program], str(_free_port()), *launcher]
+        launcher = [PORT_FLAG[program], str(free_port()), *launcher]
     cmd = [sys.executable, *PROGRAMS[program], *launcher, *script, "finetune", *finetune_args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port
 
 from sparsegpt.compact import is_compact, load_masks
 from sparsegpt.models import load_model
@@ -215,11 +216,7 @@ def zero3_recipe(path: Path, model_dir: Path) -> Path:
 def launch2(recipe: Path, run_dir: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
     """train/progressive.py on 2 CPU processes (accelerate launch, DeepSpeed over gloo; the recipe's plugin
     replaces the config file's). On a CPU-only machine only a DeepSpeed launch starts 2 processes."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "SPARSEGPT_NO_PROGRESS": "1", "PYTHONHASHSEED": "0"}
     env.pop("SPARSEGPT_FAILPOINT", None)

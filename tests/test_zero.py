@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from launching import free_port
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from zero_worker import magnitude_prune, tiny_llama, toy_ids, worker_config
@@ -27,12 +27,6 @@ from sparsegpt.models import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def _launch(recipe: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "SPARSEGPT_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore", **env}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{recipe}.yaml",
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()), *args]
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -60,7 +54,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     """2 CPU processes of plain DDP (ACCELERATE_USE_CPU makes accelerate use gloo)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "SPARSEGPT_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
 
