@@ -88,7 +88,7 @@ def recipe_for(model: str, zero_stage: int, kd: bool, args: argparse.Namespace) 
         "name": "membench", "model": model, "dtype": args.dtype,
         "data": {"calibration": "stdlib-docs", "finetune": "stdlib-docs", "eval": ["stdlib-docs"]},
         "distributed": {"zero_stage": zero_stage, "micro_batch_size": args.micro_batch, "grad_accum": 1,
-                        "mixed_precision": "no"},
+                        "mixed_precision": args.mixed_precision},
         "stages": [{"name": "s50", "target": 0.5,
                     "prune": {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": min(8, args.nsamples)},
                     "finetune": finetune}]})
@@ -127,13 +127,15 @@ def worker_command(name: str, model: str, out: Path, args: argparse.Namespace,
                p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     worker = [str(WORKER), "--task", task, "--model", model, "--dtype", args.dtype, "--steps", str(args.steps),
               "--seqlen", str(args.seqlen), "--micro-batch", str(args.micro_batch), "--nsamples", str(args.nsamples),
+              "--mixed-precision", args.mixed_precision,
               "--out", str(out), *(["--kd"] if kd else []), *(["--pruned", str(pruned)] if pruned else [])]
     if zero is None:
         return [sys.executable, *worker], env
     env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})  # the CPU form of the configs' headers
     launch = [sys.executable, "-m", "accelerate.commands.launch",
               "--config_file", f"recipes/accelerate/zero{zero}.yaml",
-              "--num_processes", str(world), "--mixed_precision", "no", "--main_process_port", str(_free_port())]
+              "--num_processes", str(world), "--mixed_precision", args.mixed_precision,
+              "--main_process_port", str(_free_port())]
     return [*launch, *worker], env
 
 
@@ -158,14 +160,12 @@ def report(results: dict, meta: dict) -> str:
              f"- allocator: glibc, MALLOC_MMAP_THRESHOLD_={meta['mmap_threshold']}" if meta.get("mmap_threshold")
              else "- allocator: glibc defaults (dynamic mmap threshold)",
              f"- settings: seqlen {meta['seqlen']}, {meta['steps']} fine-tune steps, micro batch "
-             f"{meta['micro_batch']}, fp32, prune: SparseGPT 50 % on {meta['nsamples']} calibration rows; "
+             f"{meta['micro_batch']}, {meta['dtype']} weights, mixed precision "
+             f"{meta.get('mixed_precision', 'no')}, prune: SparseGPT 50 % on {meta['nsamples']} calibration rows; "
              "fine-tune: 50 % magnitude mask, AdamW (DeepSpeed's under ZeRO), KD = logit KL from the dense model",
              "- measured: VmHWM at the process's end minus its VmRSS right after the imports (torch, transformers,"
              " accelerate, sparsegpt); estimator: `sparsegpt.memory.estimate(config, recipe, world_size)` for the "
-             "same settings. The estimator models the *device*; on this CPU-only machine the device is the host, "
-             "so `device` is what a measured host peak is compared with (it has no separate host estimate for "
-             "fine-tuning without offload: its CPU column is 0). For pruning it gives both: `cpu` (the model) + "
-             "`device` (layer, Hessians, activations), all on the host here.",
+             "same settings, its `device` + `cpu` columns (on this CPU-only machine the device is the host).",
              "",
              "- `x 1 process`: this rank's peak over the 1-process fine-tune with the same KD setting (`single` or "
              "`single-kd`); below 1 would mean the sharding saves host memory per rank.",
@@ -178,10 +178,7 @@ def report(results: dict, meta: dict) -> str:
             lines.append(f"| {name} | - | - | failed: {r['error']} | | | | | |")
             continue
         e = r["estimate"]
-        if CONFIGS[name][0] == "prune":
-            est, what = e["cpu_mb"] + e["device_mb"], f"cpu {e['cpu_mb']:.0f} + device {e['device_mb']:.0f}"
-        else:
-            est, what = e["device_mb"], "device; no host estimate"
+        est, what = e["cpu_mb"] + e["device_mb"], f"cpu {e['cpu_mb']:.0f} + device {e['device_mb']:.0f}"
         single = results.get("single-kd" if CONFIGS[name][3] else "single", {}).get("ranks")
         for rank in r["ranks"]:
             versus = (f"{rank['peak_above_imports_mb'] / single[0]['peak_above_imports_mb']:.2f}"
@@ -210,7 +207,9 @@ def main() -> None:
                         help="a model name/folder load_model knows, or a config.json (random init, demo tokenizer)")
     source.add_argument("--random-llama", choices=sorted(RANDOM_LLAMAS), help="a random-init Llama of this size")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's load dtype")
+    parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16"),
+                        help="fine-tuning precision (accelerate's; under ZeRO the DeepSpeed bf16 mode)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=1)
@@ -221,6 +220,8 @@ def main() -> None:
                              "mmapped and given back to the OS when freed (0: glibc's default, a dynamic threshold)")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--json", type=Path, help="also write the raw per-rank results as JSON here")
+    parser.add_argument("--pins", type=Path, help="add the measured peaks to this file "
+                        "(tests/data/memory_measured.json is what tests/test_memory.py holds the estimator to)")
     args = parser.parse_args()
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
@@ -263,13 +264,35 @@ def main() -> None:
             "command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
             "model": args.random_llama and f"random-init Llama {args.random_llama}" or args.model, "params": params,
             "dtype": args.dtype, "seqlen": args.seqlen, "steps": args.steps, "micro_batch": args.micro_batch,
-            "nsamples": args.nsamples, "mmap_threshold": args.mmap_threshold}
+            "nsamples": args.nsamples, "mmap_threshold": args.mmap_threshold, "mixed_precision": args.mixed_precision}
     text = report(results, meta)
     print(text)
     if args.out is not None:
         args.out.write_text(text)
     if args.json is not None:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    if args.pins is not None:
+        write_pins(args.pins, config, model, results, meta, args)
+
+
+def write_pins(path: Path, config, model: str, results: dict, meta: dict, args: argparse.Namespace) -> None:
+    """Add this run's measured peaks to the file tests/test_memory.py checks the estimator against: per
+    configuration the model config, the recipe, the world size and the highest rank's peak above imports (the
+    entries of another model, precision or allocator setting are kept)."""
+    pins = json.loads(path.read_text()) if path.is_file() else []
+    key = (meta["model"], meta["mixed_precision"], meta["mmap_threshold"])
+    pins = [p for p in pins if (p["model"], p["mixed_precision"], p["mmap_threshold"]) != key
+            or p["configuration"] not in results]
+    for name, r in results.items():
+        if "ranks" not in r:
+            continue
+        task, zero, world, kd = CONFIGS[name]
+        pins.append({"model": meta["model"], "configuration": name, "task": task, "world_size": world,
+                     "mixed_precision": meta["mixed_precision"], "mmap_threshold": meta["mmap_threshold"],
+                     "measured_mb": max(rank["peak_above_imports_mb"] for rank in r["ranks"]),
+                     "date": meta["date"], "machine": meta["machine"]["cpu"], "config": config.to_dict(),
+                     "recipe": recipe_for(model, zero or 0, kd, args).model_dump(mode="json")})
+    path.write_text(json.dumps(pins, indent=1) + "\n")
 
 
 if __name__ == "__main__":

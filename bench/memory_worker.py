@@ -80,7 +80,9 @@ def marked(fn, marks: Marks, name: str):
 
 
 def run_finetune(args: argparse.Namespace, marks: Marks) -> dict:
-    accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
+    # under accelerate launch the launch's --mixed_precision wins (ACCELERATE_MIXED_PRECISION); alone, this flag
+    accelerator = Accelerator(mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION", args.mixed_precision),
+                              kwargs_handlers=cpu_deepspeed_handlers())
     marks.mark("accelerator")
     accelerator.prepare = marked(accelerator.prepare, marks, "prepare")
     finetune_module.prepare_teacher = marked(finetune_module.prepare_teacher, marks, "prepare_teacher")
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--pruned", type=Path, help="--task finetune: the pruned model folder with mask.safetensors")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kd", action="store_true", help="distil from the dense model (logit KL, weight 1)")
+    parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16"))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=1)

@@ -44,6 +44,7 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool = False, offload_p
     if zero_stage == 3:
         zero.update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
                      "stage3_max_live_parameters": "auto", "stage3_max_reuse_distance": "auto",
+                     "sub_group_size": "auto",
                      "stage3_gather_16bit_weights_on_model_save": True})
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -86,20 +87,21 @@ def cpu_deepspeed_handlers(deepspeed: bool | None = None,
     return [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
 
 
-def zero3_live_limits(model: nn.Module) -> dict[str, int]:
-    """ZeRO-3's gathered-parameter limits sized by the model's largest decoder layer L (in parameters):
+def zero3_limits(model: nn.Module) -> dict[str, int]:
+    """ZeRO-3's working-set limits sized by the model's largest decoder layer L (in parameters):
     max_live_parameters 2L (the layer being computed and the one prefetched), max_reuse_distance L (a parameter
-    is not kept gathered across layers). DeepSpeed's defaults (1e9 each) keep every parameter of a model below
-    1 B parameters gathered on every rank from the first forward on, i.e. the whole model per rank, so memory
-    per rank would not shrink with the world."""
+    is not kept gathered across layers), sub_group_size 2L (the optimizer steps this rank's partition in tiles of
+    2L, so the fp32 gradient copy and Adam's temporaries exist for one tile at a time). DeepSpeed's defaults (1e9
+    each) keep every parameter of a model below 1 B parameters gathered on every rank from the first forward on
+    (the whole model per rank) and step a rank's whole partition at once."""
     layer = max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in decoder_layers(model))
-    return {"stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer}
+    return {"stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer, "sub_group_size": 2 * layer}
 
 
 def configure_for_finetune(accelerator: Accelerator, cfg: FinetuneConfig, model: nn.Module) -> int:
     """Fill the accelerator's DeepSpeed config "auto" batch/clipping values from cfg (UserError on an explicit
-    conflicting value) and, under ZeRO-3, gather 16-bit weights on save and size the gathered-parameter limits
-    from the model where they are "auto" or unset (`zero3_live_limits`); returns the ZeRO stage, -1 without
+    conflicting value) and, under ZeRO-3, gather 16-bit weights on save and size the working-set limits from
+    the model where they are "auto" or unset (`zero3_limits`); returns the ZeRO stage, -1 without
     DeepSpeed."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
@@ -112,11 +114,11 @@ def configure_for_finetune(accelerator: Accelerator, cfg: FinetuneConfig, model:
     stage = int(zero.get("stage", 0))
     if stage == 3:
         wanted["zero_optimization.stage3_gather_16bit_weights_on_model_save"] = True
-        for key, value in zero3_live_limits(model).items():
+        for key, value in zero3_limits(model).items():
             if zero.get(key, "auto") == "auto":
                 zero[key] = value
-        log.info("ZeRO-3 gathered-parameter limits: max_live_parameters %d, max_reuse_distance %d",
-                 zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"])
+        log.info("ZeRO-3 limits: max_live_parameters %d, max_reuse_distance %d, sub_group_size %d",
+                 zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"], zero["sub_group_size"])
     for key, value in wanted.items():
         *parents, leaf = key.split(".")
         node = ds

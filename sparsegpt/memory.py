@@ -1,19 +1,37 @@
-"""Rough per-process memory estimates for `--dry-run`, from the model config alone (built on the `meta` device).
+"""Per-process memory estimates for `--dry-run`, from the model config alone (built on the `meta` device), in two
+columns: `device` (where the compute runs; on a CPU-only machine that is the host too) and `cpu` (host memory
+besides). Checked against measured runs in bench/results_memory*.md (tests/test_memory.py pins them).
 
-Pruning (main process; the model on CPU, one decoder layer at a time on the device):
-    layer weights in the model dtype + an fp32 working copy of the largest linear;
-    Hessians: cols² fp32 per group of linears sharing an input, plus one inverse factor at a time;
-    calibration activations: layer inputs and outputs, 2 × nsamples × seqlen × hidden in the model dtype, on the
-    device, or on the CPU with `offload_activations` (then one batch of them on the device).
-Fine-tuning, per process, for P parameters of which Pt train (all, or LoRA's r·(in + out) per target):
-    ZeRO-0 (torch AdamW): weights P·b, grads Pt·b, Adam 2·Pt·b (its states take the parameter dtype b);
-    ZeRO-2/3 (DeepSpeed): weights and grads 16-bit under bf16/fp16 (else b), fp32 master 4·Pt, Adam 8·Pt; ZeRO-2
-    splits grads, master and Adam over the world, ZeRO-3 also the weights (plus two gathered decoder layers);
-    offload_optimizer moves master + Adam to the CPU, offload_params the weight shards;
-    masks: 1 byte per pruned-linear weight, split like the weights;
+Pruning, per rank of a W-rank pass (each rank holds the model, or with `stream` one decoder layer of it, and
+calibrates nsamples / W sequences; the layer's Hessians are all-reduced, so every rank holds them whole):
+    device: layer weights (model dtype) + an fp32 working copy of the largest linear; `hessians`, the larger of
+    the layer's float64 sums Σxxᵀ (one per group of same-input linears; float64 so the result does not depend on
+    batching or the world, see distributed_prune) with one float32 conversion and a float64 copy of a batch's
+    inputs, and the float32 Hessians while the widest group is solved (the damped copy, eye, sum, Cholesky
+    factor and inverse: 5 c² at the solver dtype; or the factor plus the float64 copy of H for the
+    reconstruction error); this rank's layer inputs and outputs (2 × share × seqlen × hidden), or one batch of
+    them with `offload_activations`.
+    cpu: the model (or, streamed, everything but the decoder layers plus the layer being read), offloaded
+    activations, the packed masks (1 bit per weight).
+Fine-tuning, per process, for P parameters of which Pt train (all, or LoRA's r·(in + out) per target), b the model
+dtype's bytes, c the compute dtype's (2 under bf16/fp16, else b), W the world:
+    ZeRO-0 (torch AdamW): weights P·b, grads Pt·b, Adam 2·Pt·b, and the step's temporaries Pt·b (foreach sqrt);
+    ZeRO-1/2/3 (DeepSpeed): weights P·c (ZeRO-3: P·c/W), grads Pt·c/W (ZeRO-1: whole), fp32 master 4·Pt/W (kept
+    even for fp32 weights), Adam 8·Pt/W, the step's temporaries 8 bytes per parameter stepped at once (the fp32
+    gradient copy and Adam's foreach temporaries: Pt/W under ZeRO-1/2, one sub-group of 2 decoder layers under
+    ZeRO-3, `dsconfig.zero3_limits`); ZeRO-3 also holds gathered parameters up to its live
+    limit (two decoder layers, `dsconfig.zero3_limits`) plus the largest other parameter (the embedding)
+    and its full gradient; offload_optimizer moves master + Adam + temporaries to the CPU, offload_params the
+    weight shards;
+    masks: a keep multiplier in the weight dtype per masked weight where a rank holds the weight whole; under
+    ZeRO-3 only this rank's bits (1 bit / W) plus one unpacked keep of the largest matrix; plus the packed MaskSet
+    on the CPU of every rank;
     activations (Korthikanti et al. 2022; SDPA keeps no s² scores): 34·s·b·h bytes per layer at 2 bytes a value,
     with gradient checkpointing each layer's input s·b·h values plus one layer in full; logits s·b·V fp32 × 2;
-    KD: the teacher's weights (in the model dtype; under ZeRO-3 split, in the compute dtype) and its logits.
+    KD: the teacher's weights (in the model dtype; under ZeRO-3 split and in the compute dtype, plus its gathered
+    layers) and its logits.
+Not modelled: the allocator's slack. On CPU, glibc's default (dynamic) mmap threshold keeps freed buffers in its
+heap; measured ZeRO-3 ranks then peak ~30 % above these numbers; MALLOC_MMAP_THRESHOLD_=131072 gives it back.
 """
 
 from __future__ import annotations
@@ -78,29 +96,39 @@ def _selected(facts: _Facts, include: str | None, exclude: str | None) -> dict[s
             if (include is None or re.search(include, name)) and not (exclude is not None and re.search(exclude, name))}
 
 
-def _hessian_bytes(facts: _Facts, linears: dict[str, tuple[int, int, int]]) -> int:
-    """The largest decoder layer's Hessians (one per group of same-input linears) plus one inverse factor."""
+def _layer_groups(facts: _Facts, linears: dict[str, tuple[int, int, int]]) -> dict[int, dict[str, int]]:
+    """Per decoder layer: input-group leader -> columns (the groups that share one Hessian)."""
     per_layer: dict[int, dict[str, int]] = {}
     for name, (index, cols, _) in linears.items():
         relative = name[len(f"{facts.layer_prefix}.{index}."):]
         group = next((g[0] for g in facts.shared_inputs if relative in g), relative)
         per_layer.setdefault(index, {})[group] = cols
-    if not per_layer:
-        return 0
-    return max(4 * (sum(c * c for c in groups.values()) + max(c * c for c in groups.values()))
-               for groups in per_layer.values())
+    return per_layer
 
 
-def _prune_step(facts: _Facts, stage: ResolvedStage) -> dict:
+def _prune_step(facts: _Facts, stage: ResolvedStage, world_size: int) -> dict:
     p = stage.prune
     linears = _selected(facts, p.include, p.exclude)
     b, seqlen = facts.dtype_bytes, p.seqlen or facts.default_seqlen
-    activations = 2 * p.nsamples * seqlen * facts.hidden * b
-    on_device = 2 * min(p.batch_size, p.nsamples) * seqlen * facts.hidden * b if p.offload_activations else activations
-    parts = {"layer_weights": facts.layer_params * b + 4 * max((i * o for _, i, o in linears.values()), default=0),
-             "hessians": _hessian_bytes(facts, linears), "activations": on_device}
-    cpu = facts.params * b + (activations if p.offload_activations else 0)
-    return _gib(stage.name, parts, cpu)
+    solver = _BYTES[p.dtype]
+    share = -(-p.nsamples // world_size)  # this rank's calibration rows (the largest share)
+    activations = 2 * share * seqlen * facts.hidden * b
+    on_device = 2 * min(p.batch_size, share) * seqlen * facts.hidden * b if p.offload_activations else activations
+    groups = _layer_groups(facts, linears).values()
+    widest = max((max(g.values()) for g in groups), default=0)
+    squares = max((sum(c * c for c in g.values()) for g in groups), default=0)  # the largest layer's Σ cols²
+    batch = min(p.batch_size, share) * seqlen
+    # float64 sums while the layer runs (with one float32 conversion and a float64 copy of one batch's inputs),
+    # then float32 Hessians while the widest group is solved
+    accumulate = 8 * squares + 4 * widest * widest + 8 * batch * widest
+    solve = 4 * squares + max(5 * solver, solver + 8) * widest * widest
+    device = {"layer_weights": facts.layer_params * b + 4 * max((i * o for _, i, o in linears.values()), default=0),
+              "hessians": max(accumulate, solve), "activations": on_device}
+    layers = facts.layers * facts.layer_params
+    cpu = {"model": (facts.params - layers + facts.layer_params if p.stream else facts.params) * b,
+           "offloaded_activations": activations if p.offload_activations else 0,
+           "masks_packed": sum(i * o for _, i, o in linears.values()) / 8}
+    return _gib(stage.name, device, cpu)
 
 
 def _trainable(facts: _Facts, stage: ResolvedStage) -> int:
@@ -116,37 +144,45 @@ def _finetune_step(facts: _Facts, stage: ResolvedStage, recipe: Recipe, world_si
     d, f = recipe.distributed, stage.finetune
     P, Pt, b = facts.params, _trainable(facts, stage), facts.dtype_bytes
     compute = 2 if d.mixed_precision != "no" else b
+    zero3 = d.zero_stage == 3
     shards = world_size if d.zero_stage else 1
-    weight_shards = world_size if d.zero_stage == 3 else 1
+    weight_shards = world_size if zero3 else 1
+    selected = _selected(facts, stage.prune.include, stage.prune.exclude).values()
+    masked = sum(i * o for _, i, o in selected) if stage.pruned_fraction > 0 else 0
+    largest = max((i * o for _, i, o in selected), default=0)
     if d.zero_stage == 0:
-        parts = {"weights": P * b, "grads": Pt * b, "optimizer": 2 * Pt * b, "master": 0}
+        dev = {"weights": P * b, "grads": Pt * b, "optimizer": 2 * Pt * b, "master": 0, "step": Pt * b}
     else:
-        parts = {"weights": P * compute / weight_shards, "grads": Pt * compute / shards,
-                 "optimizer": 8 * Pt / shards, "master": 4 * Pt / shards}
-    parts["gathered"] = 2 * facts.layer_params * compute if d.zero_stage == 3 else 0
-    parts["masks"] = sum(i * o for _, i, o in _selected(facts, stage.prune.include, stage.prune.exclude).values()
-                         ) / weight_shards if stage.pruned_fraction > 0 else 0
+        tile = min(Pt / shards, 2 * facts.layer_params) if zero3 else Pt / shards  # ZeRO-3 steps in sub-groups
+        dev = {"weights": P * compute / weight_shards, "grads": Pt * compute / (shards if d.zero_stage >= 2 else 1),
+               "optimizer": 8 * Pt / shards, "master": 4 * Pt / shards, "step": 8 * tile}
+    embedding = facts.vocab * facts.hidden
+    dev["gathered"] = (2 * facts.layer_params + 2 * embedding) * compute if zero3 else 0
+    dev["masks"] = (masked / 8 / world_size + largest * compute) if zero3 else masked * (compute if d.zero_stage
+                                                                                          else b)
     s, mb, h = f.seqlen or facts.default_seqlen, d.micro_batch_size, facts.hidden
     full_layer = 34 * s * mb * h * compute / 2
-    parts["activations"] = (facts.layers * s * mb * h * compute + full_layer if f.gradient_checkpointing
-                            else facts.layers * full_layer)
+    dev["activations"] = (facts.layers * s * mb * h * compute + full_layer if f.gradient_checkpointing
+                          else facts.layers * full_layer)
     kd = f.kd is not None
-    parts["logits"] = s * mb * facts.vocab * (8 + (compute if kd else 0))
-    parts["teacher"] = P * (compute if d.zero_stage == 3 else b) / weight_shards if kd else 0  # ZeRO-3: DS inference
-    cpu = 0.0
+    dev["logits"] = s * mb * facts.vocab * (8 + (compute if kd else 0))
+    dev["teacher"] = (P * compute / weight_shards + (facts.layer_params + embedding) * compute if zero3 else P * b
+                      ) if kd else 0
+    cpu = {"masks_packed": masked / 8}
     if d.offload_optimizer:
-        cpu += parts["optimizer"] + parts["master"]
-        parts["optimizer"] = parts["master"] = 0
+        for key in ("optimizer", "master", "step"):
+            cpu[f"offloaded_{key}"], dev[key] = dev[key], 0
     if d.offload_params:
-        cpu += parts["weights"] + parts["teacher"]
-        parts["weights"] = parts["teacher"] = 0
-    return _gib(stage.name, parts, cpu)
+        cpu["offloaded_weights"], dev["weights"] = dev["weights"], 0
+        cpu["offloaded_teacher"], dev["teacher"] = dev["teacher"], 0
+    return _gib(stage.name, dev, cpu)
 
 
-def _gib(stage: str, parts: dict[str, float], cpu: float) -> dict:
-    out = {"stage": stage, **{k: v / GIB for k, v in parts.items()}}
-    out["device"] = sum(parts.values()) / GIB
-    out["cpu"] = cpu / GIB
+def _gib(stage: str, device: dict[str, float], cpu: dict[str, float]) -> dict:
+    """{stage, each device part, "cpu_" + each host part, device, cpu} in GiB."""
+    out = {"stage": stage, **{k: v / GIB for k, v in device.items()}, **{f"cpu_{k}": v / GIB for k, v in cpu.items()}}
+    out["device"] = sum(device.values()) / GIB
+    out["cpu"] = sum(cpu.values()) / GIB
     return out
 
 
@@ -156,7 +192,7 @@ def estimate(config, recipe: Recipe, world_size: int = 1) -> dict:
         raise UserError(f"world_size must be >= 1, got {world_size}")
     facts = _facts(config, recipe.dtype)
     stages = recipe.resolved_stages()
-    prune = [_prune_step(facts, s) for s in stages if s.sparsity > 0 or s.prune_n]
+    prune = [_prune_step(facts, s, world_size) for s in stages if s.sparsity > 0 or s.prune_n]
     finetune = [_finetune_step(facts, s, recipe, world_size) for s in stages if s.finetune is not None]
     return {"model_type": facts.model_type, "params": facts.params, "layers": facts.layers,
             "layer_params": facts.layer_params, "default_seqlen": facts.default_seqlen, "world_size": world_size,
@@ -217,3 +253,16 @@ def plan_for(recipe: Recipe, world_size: int = 1) -> str:
         raise UserError(f"cannot read the config of {recipe.model!r} ({str(e).splitlines()[0]}); the memory estimate "
                         f"needs its config.json: download the model or point `model` at a local folder") from None
     return format_plan(recipe, estimate(config, recipe, world_size))
+
+
+def header_lines(estimates: dict) -> list[str]:
+    """The `# Memory` lines of a shipped recipe's header (tests/test_memory.py checks each header states them)."""
+    lines = [f"# Memory (sparsegpt.memory, world size {estimates['world_size']}), GiB per process:"]
+    for step in ("prune", "finetune"):
+        e = estimates[step]
+        if e is None:
+            continue
+        parts = " + ".join(f"{k.removeprefix('cpu_')} {v:.1f}" for k, v in e.items()
+                           if k not in ("stage", "device", "cpu") and v >= 0.05)
+        lines.append(f"#   {step:<9} {e['device']:.1f} on the GPU, {e['cpu']:.1f} CPU: {parts}")
+    return lines
