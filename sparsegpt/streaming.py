@@ -50,8 +50,8 @@ _CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _CODE_OF = {dtype: code for code, dtype in _CODES.items()}
-# glibc keeps freed heap chunks resident when small live allocations (the layers' masks) sit between them; trimming
-# after each layer hands those pages back. Other C libraries have no malloc_trim: nothing to do there.
+# glibc keeps freed heap chunks resident when small live buffers (the masks) sit between them: trimming after each
+# layer hands those pages back. Other C libraries have no malloc_trim (nothing to do there).
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
@@ -92,7 +92,7 @@ class Checkpoint:
                 self.entries[name] = (path, *entry)
 
     def shape(self, name: str) -> tuple[int, ...] | None:  # None: not stored
-        return self.entries[name][2] if name in self.entries else None
+        return self.entries.get(name, (None, None, None))[2]
 
     def first_float_dtype(self) -> torch.dtype | None:
         """The dtype of the first floating-point tensor of the first file (what transformers' "auto" falls back on)."""
@@ -247,9 +247,8 @@ class _Streamer(LayerAccess):
         self.saved = _saved_keys(model)
         self.shards = len(model.get_submodule(self.layers_path)) + 1
         self.weight_map: dict[str, str] = {}
-        self.total_size = 0
         self.folder: Path | None = None
-        self.rest_written = False
+        self.total_size, self.rest_written = 0, False
 
     def check(self) -> None:
         """UserError unless every parameter has a stored tensor of its shape (a tied one under one of its names)."""
@@ -333,7 +332,7 @@ class _Streamer(LayerAccess):
             _MALLOC_TRIM(0)
 
     def write_index(self) -> None:
-        if sorted(self.weight_map) != sorted(self.saved):
+        if sorted(self.weight_map) != sorted(self.saved):  # a bug, not bad input
             raise RuntimeError(f"wrote {len(self.weight_map)} of the {len(self.saved)} tensors save_pretrained writes")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -351,6 +350,13 @@ def _source_folder(model_path: str | os.PathLike) -> Path:
     return folder
 
 
+def _source_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except OSError as e:
+        raise UserError(f"cannot read the tokenizer in {folder} ({e}); pass tokenizer= or add its files") from e
+
+
 def prune_streamed(model_path: str | os.PathLike, calib_ids: Tensor, cfg: PruneConfig, out_dir: str | os.PathLike,
                    *, tokenizer: PreTrainedTokenizerBase | None = None, base_masks: MaskSet | None = None,
                    device: torch.device | str | None = None, dtype: str = "auto",
@@ -360,7 +366,8 @@ def prune_streamed(model_path: str | os.PathLike, calib_ids: Tensor, cfg: PruneC
     write it to `out_dir` (sharded safetensors + index, config, generation config, tokenizer, mask.safetensors,
     `extra_files(result)`), atomically, replacing an old one. Same weights and masks, bit for bit, as
     `load_model(model_path, dtype=dtype)` + `prune_model(..., device=device, world=world)` + `save_model` +
-    `MaskSet.save`. `device` None computes on the CPU; `tokenizer` None copies the source folder's. Every rank of
+    `MaskSet.save`. `device` None computes on the CPU; `tokenizer` None writes the source folder's (not held while
+    the layers are pruned). Every rank of
     `world` (default `World.current()`) must call it; rank 0 writes, every rank returns once the folder is in place."""
     if sys.byteorder != "little":
         raise UserError("streamed pruning reads safetensors (little-endian) directly; use a little-endian host")
@@ -373,11 +380,8 @@ def prune_streamed(model_path: str | os.PathLike, calib_ids: Tensor, cfg: PruneC
     model = _skeleton(folder, dtype, ckpt)
     streamer = _Streamer(model, ckpt)
     streamer.check()
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except OSError as e:
-            raise UserError(f"cannot read the tokenizer in {folder} ({e}); pass tokenizer= or add its files") from e
+    if tokenizer is None:  # the source's, read now to fail early, dropped while the layers are pruned
+        _source_tokenizer(folder)
     streamer.load(model, skip=streamer.layers_path)  # embeddings, final norm, head: for the capture pass
     outcome: dict[str, PruneResult] = {}
 
@@ -392,7 +396,7 @@ def prune_streamed(model_path: str | os.PathLike, calib_ids: Tensor, cfg: PruneC
         model.config.save_pretrained(tmp)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        (tokenizer or _source_tokenizer(folder)).save_pretrained(tmp)
         result.masks.save(tmp / MASK_FILE)
         for name, data in (extra_files(result) if extra_files else {}).items():
             if not name or Path(name).is_absolute() or ".." in Path(name).parts:
