@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 import numpy as np
@@ -147,10 +147,11 @@ def keep_mask_of(param: Tensor) -> KeepMask | None:
     return next((hook for hook in hooks.values() if isinstance(hook, KeepMask)), None)
 
 
-class PackedMasks(Mapping[str, Tensor]):
+class PackedMasks(MutableMapping[str, Tensor]):
     """Module name -> bool mask, held packed at 1 bit per weight (as on disk): every rank of a job keeps a
     MaskSet, so an unpacked bool (8x larger) per rank would be the largest host buffer after the model. Each
-    lookup unpacks a fresh CPU tensor (no one shares it); the pruned counts are kept, so sparsity needs no unpacking."""
+    lookup unpacks a fresh CPU tensor (no one shares it); storing a mask packs it (the pruning pass collects its
+    masks here, one linear at a time); the pruned counts are kept, so sparsity needs no unpacking."""
 
     def __init__(self) -> None:
         self._packed: dict[str, Tensor] = {}
@@ -167,6 +168,15 @@ class PackedMasks(Mapping[str, Tensor]):
         numel = int(np.prod(self._shapes[name]))
         bits = np.unpackbits(self._packed[name].numpy(), count=numel)
         return torch.from_numpy(bits.view(np.bool_)).reshape(self._shapes[name])
+
+    def __setitem__(self, name: str, mask: Tensor) -> None:
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise UserError(f"mask for {name} must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+        self._packed.pop(name, None)  # a re-stored name moves to the end, as in a dict
+        self.add(name, mask)
+
+    def __delitem__(self, name: str) -> None:
+        del self._packed[name], self._shapes[name], self._pruned[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._packed)
@@ -193,12 +203,12 @@ class MaskSet:
     maps names to masks (unpacked on lookup, held 1 bit per weight)."""
 
     def __init__(self, masks: Mapping[str, Tensor]):
-        for name, mask in masks.items():
-            if mask.dtype != torch.bool or mask.dim() != 2:
-                raise UserError(f"mask for {name} must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+        if isinstance(masks, PackedMasks):  # already packed (and checked when stored): adopted as is
+            self.masks = masks
+            return
         self.masks = PackedMasks()
         for name, mask in masks.items():
-            self.masks.add(name, mask)
+            self.masks[name] = mask
 
     @classmethod
     def from_model(cls, model: nn.Module, include: str | None = None, exclude: str | None = None, *,

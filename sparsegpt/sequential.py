@@ -38,7 +38,7 @@ from sparsegpt.distributed_prune import RankPass
 from sparsegpt.errors import UserError
 from sparsegpt.experts import ExpertHessians
 from sparsegpt.failpoints import failpoint
-from sparsegpt.masks import MaskSet
+from sparsegpt.masks import MaskSet, PackedMasks
 from sparsegpt.solver import inverse_hessian_factor, prune_group_with_factor, reconstruction_error
 from sparsegpt.world import World, agree
 
@@ -314,7 +314,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
         calib = agree(run.world, lambda: capture_layer_inputs(
             model, layers, own_ids, batch_size=cfg.batch_size, store_device=store_device) if len(own_ids) else [])
         targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access, run)
-        masks, stats, layer_seconds = {}, [], []
+        masks, stats, layer_seconds = PackedMasks(), [], []  # packed as each linear is pruned: 1 bit a weight
         bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
         for i, layer in enumerate(bar):
             linears = per_layer[i]
