@@ -159,7 +159,8 @@ class PackedMasks(MutableMapping[str, Tensor]):
         self._pruned: dict[str, int] = {}
 
     def add(self, name: str, mask: Tensor) -> None:
-        self.add_packed(name, pack_bits(mask.cpu()), tuple(mask.shape), int(mask.sum()))
+        # count_nonzero: a bool tensor's sum() would first promote it to an int64 copy, 8 bytes per weight
+        self.add_packed(name, pack_bits(mask.cpu()), tuple(mask.shape), int(torch.count_nonzero(mask)))
 
     def add_packed(self, name: str, packed: Tensor, shape: tuple[int, ...], pruned: int) -> None:
         self._packed[name], self._shapes[name], self._pruned[name] = packed, tuple(shape), pruned

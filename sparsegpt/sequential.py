@@ -13,6 +13,7 @@ calibration rows, Hessians summed by all-reduce, the layer's groups spread over 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -251,8 +252,8 @@ def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_devic
 def _base_sparsity(base_masks: MaskSet | None, linears: dict[str, nn.Module]) -> float:
     if base_masks is None:
         return 0.0
-    pruned = sum(int(base_masks.masks[n].sum()) for n in linears)
-    return pruned / sum(base_masks.masks[n].numel() for n in linears)
+    pruned = sum(base_masks.masks.pruned(n) for n in linears)  # kept counts: nothing unpacked
+    return pruned / sum(math.prod(base_masks.masks.shape(n)) for n in linears)
 
 
 def _check_base_masks(base_masks: MaskSet | None, per_layer: list[dict], model: nn.Module) -> None:
