@@ -135,7 +135,7 @@ def _gathered(param: Tensor) -> Iterator[None]:
     if not hasattr(param, "ds_id"):
         yield
         return
-    from deepspeed.zero import GatheredParameters
+    from deepspeed.runtime.zero import GatheredParameters
 
     with GatheredParameters([param], modifier_rank=None):
         yield
