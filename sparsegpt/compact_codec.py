@@ -10,8 +10,10 @@ import logging
 import math
 import os
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -283,3 +285,12 @@ class _MaskFile:
             raise UserError(f"{self.path}: mask {name} holds {packed.size} bytes, shape {list(shape)} needs "
                             f"{(numel + 7) // 8}; the file is truncated or corrupt")
         return torch.from_numpy(np.unpackbits(packed, count=numel).view(bool)).reshape(shape).logical_not_()
+
+
+def write_safetensors_header(f: BinaryIO, header: dict) -> None:
+    """The start of a safetensors file: the little-endian u64 length, then the header JSON padded with spaces to a
+    multiple of 8 bytes (so the tensor data that follows is aligned)."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import shutil
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from sparsegpt.compact_codec import (
     is_compact,
     is_semi_24,
     stored_shapes,
+    write_safetensors_header,
 )
 from sparsegpt.errors import UserError
 
@@ -110,11 +110,8 @@ def _write_shard(path: Path, items: list[_Item], bar) -> None:
             offset += nbytes
     params = {item.param: item.spec for item in items if item.spec is not None}
     header["__metadata__"] = {"format": FORMAT, "params": json.dumps(params, sort_keys=True)}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        write_safetensors_header(f, header)
         for item in items:
             tensors = item.produce()
             for name, (dtype, shape) in item.stored.items():

@@ -31,7 +31,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from sparsegpt.architectures import family_of
 from sparsegpt.atomic import write_dir_atomically
-from sparsegpt.compact_codec import MASK_FILE, is_compact
+from sparsegpt.compact_codec import MASK_FILE, is_compact, write_safetensors_header
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
 from sparsegpt.models import DTYPES, resolve_model_path
@@ -171,11 +171,8 @@ def _write_shard(path: Path, tensors: Mapping[str, Tensor]) -> int:
         header[name] = {"dtype": _CODE_OF[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        write_safetensors_header(f, header)
         for name in order:
             f.write(memoryview(tensors[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
         f.flush()
