@@ -148,15 +148,14 @@ def load_for_training(name_or_path: str | os.PathLike, accelerator: Accelerator,
     straight into this rank's partition (rank 0 reads the checkpoint), else whole. A compact folder is decoded
     whole on every rank (it has no per-tensor checkpoint for zero.Init to read; logged) and sharded by prepare."""
     path = resolve_model_path(name_or_path)
-    if not loads_sharded(accelerator):
-        with whole_models(accelerator):
-            return load_model(path, dtype=dtype)
-    if compact.is_compact(path):
+    sharded = loads_sharded(accelerator)
+    if sharded and not compact.is_compact(path):
+        logger.info("loading %s into ZeRO-3 partitions", path)
+        return load_model(path, dtype=dtype)
+    if sharded:
         logger.warning("%s is a compact folder: decoded whole on every rank, then sharded by prepare", path)
-        with whole_models(accelerator):
-            return load_model(path, dtype=dtype)
-    logger.info("loading %s into ZeRO-3 partitions", path)
-    return load_model(path, dtype=dtype)
+    with whole_models(accelerator):
+        return load_model(path, dtype=dtype)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike, *,

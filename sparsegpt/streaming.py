@@ -31,7 +31,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from sparsegpt.architectures import family_of
 from sparsegpt.atomic import write_dir_atomically
-from sparsegpt.compact_codec import MASK_FILE, is_compact, write_safetensors_header
+from sparsegpt.compact_codec import _CODES, _DTYPE_OF_CODE, MASK_FILE, is_compact, write_safetensors_header
 from sparsegpt.errors import UserError
 from sparsegpt.masks import MaskSet
 from sparsegpt.models import DTYPES, resolve_model_path
@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_CODE_OF = {dtype: code for code, dtype in _CODES.items()}
 # glibc keeps freed heap chunks resident when small live buffers (the masks) sit between them: trimming after each
 # layer hands those pages back. Other C libraries have no malloc_trim (nothing to do there).
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
@@ -144,11 +140,11 @@ def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], in
         if name == "__metadata__":
             continue
         try:
-            dtype, shape = _CODES[spec["dtype"]], tuple(int(n) for n in spec["shape"])
+            dtype, shape = _DTYPE_OF_CODE[spec["dtype"]], tuple(int(n) for n in spec["shape"])
             start, end = (int(n) for n in spec["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: the header entry of {name} is {spec!r} ({type(e).__name__}); expected a "
-                            f"dtype of {sorted(_CODES)}, a shape and data_offsets") from e
+                            f"dtype of {sorted(_DTYPE_OF_CODE)}, a shape and data_offsets") from e
         if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
             raise UserError(f"{path}: {name} spans bytes {start}..{end} but is {spec['dtype']} {list(shape)}; the "
                             "file is corrupt")
@@ -168,7 +164,7 @@ def _write_shard(path: Path, tensors: Mapping[str, Tensor]) -> int:
     for name in order:
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _CODE_OF[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     with open(path, "wb") as f:

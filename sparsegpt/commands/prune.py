@@ -134,11 +134,15 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _prepare(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> tuple[PruneConfig, MaskSet | None]:
+    """The checked config and the base mask, before any model is read."""
     cfg = _config(args)
     _check_args(args)
-    base = MaskSet.load(args.base_mask) if args.base_mask is not None else None
-    return (cfg, base, *load_model(args.model, dtype=args.dtype, device="cpu"))
+    return cfg, MaskSet.load(args.base_mask) if args.base_mask is not None else None
+
+
+def _prepare(args: argparse.Namespace):
+    return (*_settings(args), *load_model(args.model, dtype=args.dtype, device="cpu"))
 
 
 def _calibration(args: argparse.Namespace, tokenizer, seqlen: int, world: World):
@@ -159,11 +163,8 @@ def _report(args: argparse.Namespace, cfg: PruneConfig, seqlen: int, result, per
 def _run_streamed(args: argparse.Namespace, world: World) -> int:
     """--stream: one decoder layer in host memory at a time (`streaming.prune_streamed`; rank 0 writes)."""
     def prepare():
-        cfg = _config(args)
-        _check_args(args)
-        base = MaskSet.load(args.base_mask) if args.base_mask is not None else None
-        folder = local_folder(args.model)
-        return cfg, base, folder, load_tokenizer(folder), AutoConfig.from_pretrained(folder)
+        settings, folder = _settings(args), local_folder(args.model)
+        return (*settings, folder, load_tokenizer(folder), AutoConfig.from_pretrained(folder))
 
     cfg, base, folder, tokenizer, config = agree(world, prepare)
     seqlen = args.seqlen or default_seqlen(config)
