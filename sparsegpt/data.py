@@ -1,8 +1,10 @@
 """Text sources for calibration, evaluation and fine-tuning, as token-id windows.
 
-Sources: the SparseGPT paper's hub datasets (`wikitext2`, `ptb`, `c4`, via `datasets`), the offline
-`stdlib-docs` corpus (pydoc topics + stdlib docstrings, built at run time), and local files: `*.txt`
-(documents = paragraphs separated by blank lines) or `*.jsonl` (documents = the `text` field of each line).
+Sources: the SparseGPT paper's hub datasets (`wikitext2`, `ptb`, `c4`, via `datasets`), two offline corpora
+built at run time — `stdlib-docs` (pydoc topics + stdlib docstrings: the demo's calibration and fine-tuning text)
+and `debian-licenses` (the distinct paragraphs of the license texts Debian ships in /usr/share/common-licenses:
+English legal prose, a held-out domain for evaluating what healing on stdlib-docs generalizes to) — and local
+files: `*.txt` (documents = paragraphs separated by blank lines) or `*.jsonl` (the `text` field of each line).
 Offline sources split documents deterministically: a document belongs to `validation` (= `test`) when
 the sha256 of its text is 0 mod 10, else to `train`. Text is tokenized without special tokens.
 """
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
 OFFLINE_SOURCE = "stdlib-docs"
+LICENSES_SOURCE = "debian-licenses"
+OFFLINE_SOURCES = (OFFLINE_SOURCE, LICENSES_SOURCE)
+LICENSES_DIR = Path("/usr/share/common-licenses")
 SPLITS = ("train", "validation", "test")
 FILE_SUFFIXES = (".txt", ".jsonl")
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
@@ -74,12 +79,16 @@ def load_text(source: str, split: str) -> str | list[str]:
         return _hub_text(source, split)
     if source == OFFLINE_SOURCE:
         return "\n\n".join(_split_docs(_stdlib_docs(), split))
+    if source == LICENSES_SOURCE:
+        return "\n\n".join(_split_docs(_license_docs(), split))
     return "\n\n".join(_split_docs(_file_docs(_local_file(source)), split))
 
 
 def check_source(source: str) -> None:
     """Raise UserError unless `source` is a known source name or an existing .txt/.jsonl file (loads nothing)."""
-    if source not in HUB_SOURCES and source != OFFLINE_SOURCE:
+    if source == LICENSES_SOURCE:
+        _license_files()
+    elif source not in HUB_SOURCES and source not in OFFLINE_SOURCES:
         _local_file(source)
 
 
@@ -138,7 +147,7 @@ def default_seqlen(model_or_config, cap: int = 2048) -> int:
 def _local_file(source: str) -> Path:
     path = Path(source).expanduser()
     if path.suffix not in FILE_SUFFIXES:
-        raise UserError(f"unknown text source {source!r}; use one of {', '.join(HUB_SOURCES + (OFFLINE_SOURCE,))} "
+        raise UserError(f"unknown text source {source!r}; use one of {', '.join(HUB_SOURCES + OFFLINE_SOURCES)} "
                         f"or a path to a .txt/.jsonl file")
     if not path.is_file():
         raise UserError(f"text file {source} not found; give an existing .txt or .jsonl file")
@@ -253,6 +262,28 @@ def _stdlib_docs() -> tuple[str, ...]:
                                                             or member.name.endswith("__")):
                         _add_doc(named, ast.get_docstring(member), f"{name}:{node.name}.{member.name}")
     return tuple(text for _, text in sorted((name, text) for text, name in named.items()))
+
+
+def _license_files() -> list[Path]:
+    """The regular files of LICENSES_DIR in name order (symlinks such as GPL -> GPL-3 skipped: no duplicates)."""
+    files = sorted(p for p in LICENSES_DIR.glob("*") if p.is_file() and not p.is_symlink()) \
+        if LICENSES_DIR.is_dir() else []
+    if not files:
+        raise UserError(f"{LICENSES_SOURCE}: no license texts in {LICENSES_DIR} (Debian's base-files ships them); "
+                        f"on other systems use a .txt/.jsonl file of held-out text instead")
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def _license_docs() -> tuple[str, ...]:
+    """The debian-licenses corpus: blank-line-separated paragraphs of every license file, each distinct paragraph
+    once (the GPL family repeats whole sections), in first-seen order; whitespace inside a paragraph is kept."""
+    seen: dict[str, None] = {}
+    for path in _license_files():
+        for paragraph in path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").split("\n\n"):
+            if paragraph.strip():
+                seen.setdefault(paragraph.strip("\n"), None)
+    return tuple(seen)
 
 
 def _stdlib_sources() -> list[tuple[str, Path]]:

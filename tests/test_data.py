@@ -213,3 +213,43 @@ def test_stdlib_docs_tokenize_fast_with_demo_tokenizer(demo_model_dir):
     windows = eval_ids("stdlib-docs", tokenizer, seqlen=2048, split="train")
     assert time.perf_counter() - start < 60  # seconds, not minutes (about 2 s on 2 cores)
     assert windows.shape[0] >= 150
+
+
+def _fake_licenses(tmp_path, monkeypatch):
+    folder = tmp_path / "common-licenses"
+    folder.mkdir()
+    shared = "Everyone is permitted to copy and distribute verbatim copies."
+    paragraphs = [f"Clause {i}: the licensee may {'share' if i % 2 else 'modify'} the work." for i in range(60)]
+    (folder / "A-1").write_text("\n\n".join([shared] + paragraphs[:30]) + "\n")
+    (folder / "B-2").write_text("\n\n".join(paragraphs[30:] + [shared]) + "\n")
+    (folder / "A").symlink_to("A-1")  # Debian's GPL -> GPL-3 style alias: must not be read twice
+    data._license_docs.cache_clear()
+    monkeypatch.setattr(data, "LICENSES_DIR", folder)
+    return [shared] + paragraphs
+
+
+def test_debian_licenses_are_distinct_paragraphs_split_by_stable_hash(tmp_path, monkeypatch):
+    docs = _fake_licenses(tmp_path, monkeypatch)
+    try:
+        assert list(data._license_docs()) == docs  # each paragraph once, symlink skipped, file order
+        train, validation = data._split_docs(docs, "train"), data._split_docs(docs, "validation")
+        assert sorted(train + validation) == sorted(docs) and not set(train) & set(validation)
+        assert load_text("debian-licenses", "validation") == "\n\n".join(validation)
+        assert load_text("debian-licenses", "test") == load_text("debian-licenses", "validation")
+        check_source("debian-licenses")
+    finally:
+        data._license_docs.cache_clear()
+
+
+def test_debian_licenses_missing_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "LICENSES_DIR", tmp_path / "absent")
+    data._license_docs.cache_clear()
+    with pytest.raises(UserError, match="no license texts in .*absent.*txt/.jsonl"):
+        check_source("debian-licenses")
+
+
+@pytest.mark.skipif(not data.LICENSES_DIR.is_dir(), reason="no /usr/share/common-licenses on this system")
+def test_debian_licenses_hold_enough_validation_text_for_the_study(demo_model_dir):
+    from sparsegpt.models import load_tokenizer
+    windows = eval_ids("debian-licenses", load_tokenizer(demo_model_dir), seqlen=128)
+    assert windows.shape[0] >= 32  # the regime study evaluates 32 x 128 held-out windows
