@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from sparsegpt.errors import UserError
 from sparsegpt.hooks import validate_hooks
 from sparsegpt.settings import (
+    Budget,
     DataSettings,
     Defaults,
     DistributedSettings,
@@ -53,8 +54,8 @@ from sparsegpt.settings import (
     _Strict,
 )
 
-__all__ = ["DataSettings", "Defaults", "DistributedSettings", "EvalSettings", "FinetuneSettings", "KDSettings",
-           "LoraSection", "PruneSettings", "Recipe", "ResolvedStage", "Schedule", "Stage", "load_recipe",
+__all__ = ["Budget", "DataSettings", "Defaults", "DistributedSettings", "EvalSettings", "FinetuneSettings",
+           "KDSettings", "LoraSection", "PruneSettings", "Recipe", "ResolvedStage", "Schedule", "Stage", "load_recipe",
            "to_dataclass"]
 
 NOT_FINGERPRINTED = ("checkpoint_every", "log_every")  # finetune settings that change no result
@@ -107,6 +108,7 @@ class Recipe(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     stages: list[Stage] | None = Field(None, min_length=1)
     schedule: Schedule | None = None
+    budget: Budget | None = None  # the run's fine-tuning tokens, split over the stages (instead of steps/tokens)
     # accelerate trackers fed every evaluation (logs under RUN_DIR/trackers); not part of the fingerprint
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     # how each finished stage's model is stored: "dense" (HF safetensors with zeros + mask.safetensors) or
@@ -121,6 +123,7 @@ class Recipe(_Strict):
         stages = self.stage_list()
         self._check_names(stages)
         self._check_order(stages)
+        self._check_budget(stages)
         resolved = self.resolved_stages()
         self._check_distributed(resolved)
         for stage in resolved:
@@ -157,6 +160,27 @@ class Recipe(_Strict):
                 what = f"{before} {prev}" if not m0 else f"the {prev} sparsity {_pruned_fraction(prev):g} of {before}"
                 raise ValueError(f"{here}: {cur} is below {what}: targets never decrease")
 
+    def _check_budget(self, stages: list[Stage]) -> None:
+        if self.budget is None:
+            return
+        if self.budget.weights is not None and len(self.budget.weights) != len(stages):
+            raise ValueError(f"budget.weights: {len(self.budget.weights)} weights for {len(stages)} stages; "
+                             f"give one weight per stage")
+        if not any(self.budget.weights or [1]):
+            raise ValueError("budget.weights: all weights are 0; give at least one stage a positive weight")
+        given = self.defaults.finetune.model_fields_set & {"steps", "tokens"}
+        if given:
+            raise ValueError(f"defaults.finetune.{min(given)}: the budget sets every stage's tokens; "
+                             f"remove {min(given)} (or the budget)")
+        for i, (stage, tokens) in enumerate(zip(stages, self.budget.split(len(stages)))):
+            own = stage.finetune.model_fields_set & {"steps", "tokens"} if stage.finetune is not None else set()
+            if own == {"steps"} and stage.finetune.steps == 0 and tokens == 0:
+                continue  # finetune: false with weight 0 says the same thing twice
+            if own:
+                what = "finetune: false" if stage.finetune.steps == 0 else f"finetune.{min(own)}"
+                raise ValueError(f"{self._where(i)}: {what} conflicts with the budget, which gives this stage "
+                                 f"{tokens} tokens; set its budget weight (0 = one-shot only) instead")
+
     def _check_distributed(self, resolved: list[ResolvedStage]) -> None:
         mp, dtype = self.distributed.mixed_precision, self.dtype
         if (mp, dtype) in (("fp16", "bfloat16"), ("bf16", "float16")):
@@ -177,6 +201,9 @@ class Recipe(_Strict):
         where = self._where(i)
         prune = _overlay(self.defaults.prune, stage.prune, f"{where}.prune")
         finetune = _overlay(self.defaults.finetune, stage.finetune, f"{where}.finetune")
+        if self.budget is not None:
+            tokens = self.budget.split(len(self.stage_list()))[i]
+            finetune = finetune.model_copy(update={"steps": None, "tokens": tokens})
         evaluation = _overlay(self.defaults.eval, stage.eval, f"{where}.eval")
         if finetune.steps is None and finetune.tokens is None:
             raise ValueError(f"{where}.finetune: neither steps nor tokens is set (in defaults.finetune or the stage); "

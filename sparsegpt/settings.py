@@ -264,6 +264,23 @@ class Stage(_Strict):
     _finetune_false = field_validator("finetune", mode="before")(_no_finetune)
 
 
+class Budget(_Strict):
+    """A run's fine-tuning tokens split over its stages: stage i gets floor(tokens · wᵢ / Σw) tokens (the last stage
+    with a positive weight also the rounding remainder, so the stages add up to `tokens`); weight 0 = one-shot only.
+    Without `weights` every stage gets an equal share. Each stage's tokens become steps as `finetune.tokens` do."""
+
+    tokens: int = Field(ge=1)
+    weights: list[Annotated[float, Field(ge=0)]] | None = Field(None, min_length=1)
+
+    def split(self, n_stages: int) -> list[int]:
+        weights = self.weights or [1.0] * n_stages
+        total = sum(weights)
+        shares = [int(self.tokens * w // total) for w in weights]
+        last = max(i for i, w in enumerate(weights) if w > 0)
+        shares[last] += self.tokens - sum(shares)
+        return shares
+
+
 class Schedule(_Strict):
     """Shorthand for `stages`: `stages` targets from `from` to `to`, linear or cubic (Zhu & Gupta 2017)."""
 
