@@ -11,6 +11,7 @@
       - {name: s90, target: 0.9, finetune: {steps: 48, kd: {teacher: dense}}}
       - {name: nm, target: "2:4", finetune: false}     # finetune false (or steps 0) = one-shot only
     # instead of stages: schedule: {from: 0.5, to: 0.9, stages: 5, curve: cubic}
+    # instead of per-stage steps/tokens: budget: {tokens: 65536, weights: [1, 1, 1, 3]}  (split over the stages)
 
 `load_recipe(path)` validates; every error names its field path and what would be valid.
 `Recipe.resolved_stages()` gives each stage its fully merged settings (defaults <- stage overrides, deep-merged;

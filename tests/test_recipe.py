@@ -312,3 +312,46 @@ def test_deepspeed_config_is_accepted_by_accelerate():
     plugin = DeepSpeedPlugin(hf_ds_config=cfg)
     assert plugin.zero_stage == 3 and plugin.gradient_accumulation_steps == 2
     assert plugin.hf_ds_config.is_zero3() and plugin.hf_ds_config.is_offload()
+
+
+def _budget_recipe(budget: dict, **overrides) -> Recipe:
+    body = yaml.safe_load(BASE)
+    body["defaults"] = {"finetune": {"seqlen": 128}}
+    body["stages"] = [{"name": f"s{t}", "target": t / 100} for t in (50, 70, 80, 90)]
+    body["budget"] = budget
+    body.update(overrides)
+    return Recipe.model_validate(body)
+
+
+def test_budget_splits_tokens_over_stages_and_adds_up():
+    equal = _budget_recipe({"tokens": 10_000})
+    assert [s.finetune.tokens for s in equal.resolved_stages()] == [2500, 2500, 2500, 2500]
+    final_heavy = _budget_recipe({"tokens": 16384, "weights": [1, 1, 1, 3]})
+    tokens = [s.finetune.tokens for s in final_heavy.resolved_stages()]
+    assert tokens == [2730, 2730, 2730, 8194] and sum(tokens) == 16384
+    one_shot_first = _budget_recipe({"tokens": 9000, "weights": [0, 1, 1, 1]})
+    stages = one_shot_first.resolved_stages()
+    assert stages[0].finetune is None and [s.finetune.tokens for s in stages[1:]] == [3000, 3000, 3000]
+    # the budget is part of what the run is: another split is another run
+    assert equal.fingerprint() != _budget_recipe({"tokens": 10_000, "weights": [1, 1, 1, 2]}).fingerprint()
+
+
+@pytest.mark.parametrize("budget, overrides, message", [
+    ({"tokens": 100, "weights": [1, 1]}, {}, "budget.weights: 2 weights for 4 stages"),
+    ({"tokens": 100, "weights": [0, 0, 0, 0]}, {}, "all weights are 0"),
+    ({"tokens": 100}, {"defaults": {"finetune": {"steps": 3}}}, "defaults.finetune.steps: the budget sets"),
+    ({"tokens": 100}, {"stages": [{"name": "a", "target": 0.5, "finetune": {"tokens": 5}}]},
+     "stages\\[0\\]: finetune.tokens conflicts with the budget, which gives this stage 100 tokens"),
+    ({"tokens": 100}, {"stages": [{"name": "a", "target": 0.5, "finetune": False}]},
+     "stages\\[0\\]: finetune: false conflicts with the budget"),
+    ({"tokens": 0}, {}, "budget.tokens"),
+])
+def test_budget_conflicts_are_named(budget, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _budget_recipe(budget, **overrides)
+
+
+def test_budget_weight_zero_agrees_with_finetune_false():
+    r = _budget_recipe({"tokens": 100, "weights": [1, 0]},
+                       stages=[{"name": "a", "target": 0.5}, {"name": "b", "target": 0.7, "finetune": False}])
+    assert [s.finetune.tokens if s.finetune else None for s in r.resolved_stages()] == [100, None]
