@@ -61,6 +61,7 @@ from sparsegpt.models import (
     resolve_model_path,
     save_model,
 )
+from sparsegpt.precision import resolve_mixed_precision
 from sparsegpt.preflight import check_data, check_inputs, check_shared, on_main_then_everywhere
 from sparsegpt.recipe import Recipe, ResolvedStage, load_recipe, to_dataclass
 from sparsegpt.rundir import Phase, RunDir, RunState
@@ -335,6 +336,17 @@ def finetune_config(stage: ResolvedStage, recipe: Recipe, *, world_size: int, se
                         lora=to_dataclass(LoraSettings, f.lora) if f.lora is not None else None)
 
 
+def with_mixed_precision(recipe: Recipe) -> Recipe:
+    """The recipe with `mixed_precision: auto` replaced by what this hardware runs fast (logged); else unchanged.
+    The run dir records the picked value, so resuming where `auto` picks another precision is refused (another
+    precision is another run), not silently continued in different numerics."""
+    if recipe.distributed.mixed_precision != "auto":
+        return recipe
+    value, why = resolve_mixed_precision("auto", recipe.dtype)
+    log.info("mixed precision auto -> %s (%s)", value, why)
+    return recipe.model_copy(update={"distributed": recipe.distributed.model_copy(update={"mixed_precision": value})})
+
+
 def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     """An Accelerator whose DeepSpeed plugin (if any) is built from the recipe's `distributed` settings."""
     dist = recipe.distributed
@@ -362,7 +374,7 @@ def main(args: argparse.Namespace) -> int:
 
 def run(recipe_path: Path, run_dir: Path | None = None, *, dry_run: bool = False) -> int:
     """Check everything checkable, create (or reuse) the run dir, then walk the pipeline; 0 when the run is done."""
-    recipe = load_recipe(recipe_path)
+    recipe = with_mixed_precision(load_recipe(recipe_path))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if dry_run:
         print(plan_for(recipe, world_size=world_size))

@@ -231,7 +231,8 @@ class DistributedSettings(_Strict):
     offload_params: bool = False
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto = bf16 where the hardware multiplies bf16 natively, else no (sparsegpt.precision); resolved at run time
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
 
     @model_validator(mode="after")
     def _offload(self) -> DistributedSettings:
