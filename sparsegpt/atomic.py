@@ -2,6 +2,10 @@
 
 `atomic_file` / `atomic_write_text` for files (temp beside the target, fsync, rename); `write_dir_atomically`
 for folders (built beside the target, then renamed in; `save/before-rename` is the kill tests' failpoint).
+Temp folders carry their writer's host and pid (`.NAME.tmp-HOST-PID-XXXX`, `.NAME.old-HOST-PID-XXXX`), so
+`recover_tree` can tell a dead writer's leftovers from a live one's: it removes the dead ones' temp folders (a
+70B checkpoint's are hundreds of GB) and, where a replace was killed between its two renames, puts the parked
+complete old folder back.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,13 +51,15 @@ def write_dir_atomically(out_dir: Path, write: Callable[[Path], None], *, replac
     it is (replace=False: another process finished the same work first).
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    recover_tree(out_dir.parent, names=(out_dir.name,))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{_writer()}-", dir=out_dir.parent))
     try:
         write(tmp)
         failpoint("save/before-rename")
         if replace and out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{_writer()}-", dir=out_dir.parent))
             os.replace(out_dir, old)  # renaming a folder onto an empty one is allowed
+            failpoint("save/between-renames")
             try:
                 os.replace(tmp, out_dir)
             except OSError:
@@ -69,3 +76,48 @@ def write_dir_atomically(out_dir: Path, write: Callable[[Path], None], *, replac
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
+
+
+def _writer() -> str:
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _dead_writer(entry: Path) -> tuple[str, str] | None:
+    """(kind 'tmp'/'old', target name) when `entry` is a temp folder of a writer on this host that has exited."""
+    head, sep, tail = entry.name.rpartition(".tmp-") if ".tmp-" in entry.name else entry.name.rpartition(".old-")
+    if not sep or not head.startswith("."):
+        return None
+    host, _, rest = tail.partition("-")
+    pid = rest.partition("-")[0]
+    if host != socket.gethostname().replace("-", "_") or not pid.isdigit():
+        return None  # another host's writer (shared file system) or an old-style name: not ours to judge
+    try:
+        os.kill(int(pid), 0)
+        return None  # alive (or the pid was reused: then the folder stays, which is safe)
+    except ProcessLookupError:
+        return ("tmp" if sep == ".tmp-" else "old"), head[1:]
+    except PermissionError:
+        return None
+
+
+def recover_tree(root: str | os.PathLike, *, names: tuple[str, ...] | None = None) -> None:
+    """Undo what writers killed mid-write left under `root` (only `names` directly in root when given): a
+    folder missing because its replace died between the renames gets its parked old copy back; dead writers'
+    temp folders are removed. Live writers' folders are left alone."""
+    root = Path(root)
+    if names is None:
+        entries = [*root.rglob(".*.tmp-*"), *root.rglob(".*.old-*")]
+    else:
+        entries = [e for n in names for pattern in (f".{n}.tmp-*", f".{n}.old-*") for e in root.glob(pattern)]
+    for entry in sorted(entries, key=lambda e: ".old-" not in e.name):  # restores before removals
+        dead = _dead_writer(entry)
+        if dead is None or not entry.exists():
+            continue
+        kind, name = dead
+        target = entry.parent / name
+        if kind == "old" and not target.exists():
+            os.replace(entry, target)
+            logger.warning("%s: restored from %s (a replace was killed between its renames)", target, entry.name)
+        elif entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            logger.info("removed %s, left by a writer that was killed", entry)

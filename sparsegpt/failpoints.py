@@ -2,7 +2,8 @@
 n-th time (default 1st) execution passes `failpoint(name)`. Unset (always, outside tests) it costs one dict lookup.
 
 Points: prune/layer (after a decoder layer is pruned), finetune/step (after an optimizer step),
-save/before-rename (an HF folder fully written but not yet renamed into place).
+save/before-rename (an HF folder fully written but not yet renamed into place), save/between-renames (a replaced
+folder parked aside, the new one not yet renamed in).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig
 
+from sparsegpt.atomic import recover_tree
 from sparsegpt.checkpoint import save_finetuned
 from sparsegpt.compact import export, folder_masks, is_compact
 from sparsegpt.compare import flatten_for_trackers, format_stage_table
@@ -387,6 +388,7 @@ def run(recipe_path: Path, run_dir: Path | None = None, *, dry_run: bool = False
         log.info("accelerator: %s, %d process(es), zero stage %d", accelerator.distributed_type.value,
                  accelerator.num_processes, recipe.distributed.zero_stage)
         rd.create(recipe)
+        recover_tree(rd.root)  # what a killed earlier attempt left mid-write
     accelerator.wait_for_everyone()
     check_shared(accelerator, rd)
     if recipe.trackers:
