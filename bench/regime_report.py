@@ -149,15 +149,9 @@ def plot_sparsity(table: dict, dense: dict, path: Path) -> None:
             targets = sorted({t for s in seeds.values() for t, p in s["points"] if p == "finetuned"})
             values = [_value(seeds, t, "stdlib-docs")[0] for t in targets]
             ax.plot([0.0] + targets, [dense["stdlib-docs"]] + values, marker="o", label=recipe)
-        ax.set_yscale("log")
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("stdlib-docs perplexity (after each stage's fine-tune)")
         ax.set_title(f"budget {budget // 1024}k tokens")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _finish(ax, "sparsity", "stdlib-docs perplexity (after each stage's fine-tune)")
+    _save(fig, path)
 
 
 def plot_tokens(table: dict, dense: dict, path: Path) -> None:
@@ -176,11 +170,19 @@ def plot_tokens(table: dict, dense: dict, path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=recipe)
         ax.axhline(dense[domain], color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("fine-tuning tokens (1k point = one-shot, no tokens)")
-        ax.set_ylabel(f"{domain} perplexity at 90 %")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, "fine-tuning tokens (1k point = one-shot, no tokens)", f"{domain} perplexity at 90 %")
+    _save(fig, path)
+
+
+def _finish(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
