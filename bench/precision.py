@@ -1,6 +1,7 @@
 """bf16 autocast vs fp32 on this machine: training and evaluation tokens/s, and the loss both give on the same data.
 
-    python bench/precision.py --steps 4 --micro-batch 1 --threads 1
+    python bench/precision.py --steps 3 --micro-batch 1 --threads 1
+    python bench/precision.py --steps 3 --micro-batch 4 --threads 2 --modes fp32     # micro-batch throughput only
 
 SmolLM2-135M (the offline demo model), stdlib-docs train windows of 128 tokens in a fixed order, AdamW lr 1e-4;
 fp32 and bf16 autocast (torch.autocast on the CPU, weights and optimizer in fp32 as accelerate does) start from
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--modes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     _, tokenizer = load_model("smollm2-135m", dtype="float32")
@@ -60,9 +62,12 @@ def main() -> None:
     flags = [f for f in CPU_BF16_FLAGS if f in cpu_flags()]
     print(f"machine: {platform.processor() or platform.machine()}, bf16 flags: {flags or 'none'}, "
           f"threads {args.threads}, torch {torch.__version__}; auto picks {resolve_mixed_precision('auto', 'float32')}")
-    results = {mode: run(mode, ids, args.steps, args.micro_batch) for mode in ("fp32", "bf16")}
+    results = {mode: run(mode, ids, args.steps, args.micro_batch) for mode in args.modes.split(",")}
     for mode, (losses, train_tps, eval_tps) in results.items():
-        print(f"{mode}: train {train_tps:.1f} tok/s, eval {eval_tps:.1f} tok/s, losses {[round(x, 4) for x in losses]}")
+        print(f"{mode}: micro-batch {args.micro_batch} x 128, train {train_tps:.1f} tok/s, eval {eval_tps:.1f} tok/s, "
+              f"losses {[round(x, 4) for x in losses]}")
+    if len(results) < 2:
+        return
     diff = max(abs(a - b) for a, b in zip(results["fp32"][0], results["bf16"][0]))
     print(f"max |loss fp32 - loss bf16| over {args.steps + 1} steps: {diff:.4f}; "
           f"bf16 / fp32 train speed {results['bf16'][1] / results['fp32'][1]:.3f}x")
