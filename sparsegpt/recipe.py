@@ -169,12 +169,12 @@ class Recipe(_Strict):
                              f"give one weight per stage")
         if not any(self.budget.weights or [1]):
             raise ValueError("budget.weights: all weights are 0; give at least one stage a positive weight")
-        given = self.defaults.finetune.model_fields_set & {"steps", "tokens"}
+        given = {k for k in ("steps", "tokens") if getattr(self.defaults.finetune, k) is not None}
         if given:
             raise ValueError(f"defaults.finetune.{min(given)}: the budget sets every stage's tokens; "
                              f"remove {min(given)} (or the budget)")
         for i, (stage, tokens) in enumerate(zip(stages, self.budget.split(len(stages)))):
-            own = stage.finetune.model_fields_set & {"steps", "tokens"} if stage.finetune is not None else set()
+            own = {k for k in ("steps", "tokens") if getattr(stage.finetune, k, None) is not None}
             if own == {"steps"} and stage.finetune.steps == 0 and tokens == 0:
                 continue  # finetune: false with weight 0 says the same thing twice
             if own:

@@ -53,10 +53,13 @@ def test_shipped_recipe_loads_and_round_trips(path, tmp_path):
 
 def test_demo_recipes_share_everything_but_fine_tuning():
     demo, oneshot = load_recipe("recipes/demo.yaml"), load_recipe("recipes/demo_oneshot.yaml")
-    assert [s.target for s in demo.resolved_stages()] == [s.target for s in oneshot.resolved_stages()] == [0.5, 0.7, 0.9]
-    assert all(s.finetune is not None for s in demo.resolved_stages())
-    assert all(s.finetune is None for s in oneshot.resolved_stages())
+    d, o = demo.resolved_stages(), oneshot.resolved_stages()
+    assert [s.target for s in d] == [s.target for s in o] == [0.9]
+    assert [s.prune for s in d] == [s.prune for s in o] and [s.eval.hooks for s in d] == [s.eval.hooks for s in o]
+    assert all(s.finetune is not None for s in d) and all(s.finetune is None for s in o)
+    assert sum(s.finetune.tokens for s in d) == demo.budget.tokens
     assert demo.model == oneshot.model == "smollm2-135m" and demo.distributed.zero_stage == 0
+    assert demo.data.calibration == oneshot.data.calibration and demo.seed == oneshot.seed
 
 
 def _stages(*targets) -> str:
