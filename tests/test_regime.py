@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsegpt.recipe import Recipe
+from sparsegpt.recipe import Recipe, load_recipe
 from sparsegpt.rundir import append_metrics
 
 BENCH = Path(__file__).parents[1] / "bench"
@@ -81,3 +81,18 @@ def test_a_lead_inside_the_seed_spread_calls_no_winner(tmp_path):
     md = report.write_report(tmp_path, {"metrics": {"ppl/stdlib-docs": 15.0, "ppl/debian-licenses": 40.0}},
                              ["prog4-16k-s0", "prog4-16k-s1", "prog4-kd-16k-s0"])
     assert "**prog4-kd** (63.0), 2.0 ahead of prog4 — within the largest seed spread here (10.0)" in md
+
+
+def test_shipped_smollm2_recipes_are_the_study_runs_their_headers_quote():
+    """smollm2_90 is the study's prog4-kd-64k-s0 and smollm2_80 its first three stages, setting for setting (only
+    evaluation extras and `mixed_precision: auto`, which is float32 where the study ran, may differ)."""
+    root = Path(__file__).parents[1] / "recipes"
+    study = Recipe.model_validate(regime.build_recipe("prog4-kd", regime.LARGE, 0)).resolved_stages()
+    for name, n_stages in (("smollm2_90", 4), ("smollm2_80", 3)):
+        shipped = load_recipe(root / f"{name}.yaml")
+        assert shipped.distributed.mixed_precision == "auto" and shipped.seed == 0
+        stages = shipped.resolved_stages()
+        assert len(stages) == n_stages
+        for mine, theirs in zip(stages, study):
+            assert (mine.target, mine.prune, mine.finetune) == (theirs.target, theirs.prune, theirs.finetune)
+            assert mine.eval.hooks == theirs.eval.hooks
