@@ -40,6 +40,9 @@ from pathlib import Path
 
 import yaml
 
+from sparsegpt.recipe import load_recipe
+from sparsegpt.rundir import Phase, read_state
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("stdlib-docs", "debian-licenses")
 WINDOWS, SEQLEN = 32, 128
@@ -123,9 +126,7 @@ def write_recipes(out: Path, plan: list[tuple[str, int, int]]) -> list[tuple[str
 
 def run_one(name: str, recipe: Path, out: Path, threads: int) -> tuple[str, int, float]:
     """Run (or resume) one study run; its log goes to OUT/logs/NAME.log."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "SPARSEGPT_NO_PROGRESS": "1"}
+    env = _env(threads)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(out / "logs" / f"{name}.log", "a") as log:
@@ -134,22 +135,28 @@ def run_one(name: str, recipe: Path, out: Path, threads: int) -> tuple[str, int,
     return name, rc, time.time() - start
 
 
+def _env(threads: int) -> dict[str, str]:
+    """Every study process: the same thread count, offline, no progress bars."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SPARSEGPT_NO_PROGRESS": "1"}
+
+
 def finished(run_dir: Path) -> bool:
-    state = run_dir / "state.json"
-    if not state.is_file():
+    """Whether every stage of the run dir's recipe is complete (state.json lists only the stages begun so far)."""
+    state = read_state(run_dir)
+    if state is None or not (run_dir / "recipe.yaml").is_file():
         return False
-    stages = json.loads(state.read_text()).get("stages", {})
-    return bool(stages) and all("complete" in s.get("done", []) for s in stages.values())
+    n_stages = len(load_recipe(run_dir / "recipe.yaml").stage_list())
+    return sum(Phase.COMPLETE in entry.done for entry in state.stages.values()) == n_stages
 
 
 def dense_metrics(out: Path, threads: int) -> dict:
     """The dense model's perplexities on the study's windows (computed once, cached in OUT/dense.json)."""
     path = out / "dense.json"
     if not path.is_file():
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "SPARSEGPT_NO_PROGRESS": "1"}
         subprocess.check_call([sys.executable, "-m", "sparsegpt.cli", "eval", "--model", "smollm2-135m",
                                "--ppl", ",".join(SOURCES), "--seqlen", str(SEQLEN), "--max-windows", str(WINDOWS),
-                               "--out", str(path)], env=env)
+                               "--out", str(path)], env=_env(threads))
     return json.loads(path.read_text())
 
 

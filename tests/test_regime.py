@@ -96,3 +96,17 @@ def test_shipped_smollm2_recipes_are_the_study_runs_their_headers_quote():
         for mine, theirs in zip(stages, study):
             assert (mine.target, mine.prune, mine.finetune) == (theirs.target, theirs.prune, theirs.finetune)
             assert mine.eval.hooks == theirs.eval.hooks
+
+
+def test_a_run_is_finished_only_when_every_stage_of_its_recipe_is_complete(tmp_path):
+    from sparsegpt.rundir import Phase, RunDir, RunState, StageState
+
+    recipe = Recipe.model_validate(regime.build_recipe("prog4", regime.SMALL, 0))
+    rd = RunDir(tmp_path / "prog4-16k-s0")
+    rd.create(recipe)
+    assert not regime.finished(rd.root)
+    rd.save_state(RunState(stages={0: StageState(name="s50", done=[Phase.PRUNE, Phase.COMPLETE])}))
+    assert not regime.finished(rd.root)  # state.json lists only the stages begun: 1 of 4 is not the run
+    rd.save_state(RunState(stages={i: StageState(name=s.name, done=[Phase.COMPLETE])
+                                   for i, s in enumerate(recipe.stage_list())}))
+    assert regime.finished(rd.root)
