@@ -77,9 +77,13 @@ def write_dir_atomically(out_dir: Path, write: Callable[[Path], None], *, replac
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
+def _host() -> str:
+    """This host's name as temp folder names carry it ('-' separates the name's fields)."""
+    return socket.gethostname().replace("-", "_")
+
 
 def _writer() -> str:
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+    return f"{_host()}-{os.getpid()}"
 
 
 def _dead_writer(entry: Path) -> tuple[str, str] | None:
@@ -89,7 +93,7 @@ def _dead_writer(entry: Path) -> tuple[str, str] | None:
         return None
     host, _, rest = tail.partition("-")
     pid = rest.partition("-")[0]
-    if host != socket.gethostname().replace("-", "_") or not pid.isdigit():
+    if host != _host() or not pid.isdigit():
         return None  # another host's writer (shared file system) or an old-style name: not ours to judge
     try:
         os.kill(int(pid), 0)

@@ -9,12 +9,9 @@ stored in bfloat16 or float16 gets the matching autocast (the only ones its dtyp
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = Path("/proc/cpuinfo")
