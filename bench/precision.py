@@ -7,6 +7,12 @@ SmolLM2-135M (the offline demo model), stdlib-docs train windows of 128 tokens i
 fp32 and bf16 autocast (torch.autocast on the CPU, weights and optimizer in fp32 as accelerate does) start from
 the same weights and see the same batches. Prints the CPU's bf16 flags (sparsegpt.precision), per-step losses,
 tokens/s of training steps and of evaluation forwards, and what `mixed_precision: auto` picks here.
+
+--prune-forwards times what SparseGPT's sequential pass spends outside the solver: each decoder layer's forward
+over the calibration rows, in the model's dtype (a recipe's `dtype: bfloat16` runs them in bf16; the Hessians and
+the solver stay float32/float64 either way). It reports layer-forward tokens/s in float32 and bfloat16 and how far
+the bf16 layer outputs are from the float32 ones (relative Frobenius error per layer, the input each layer's
+Hessian is built from).
 """
 
 from __future__ import annotations
@@ -49,12 +55,46 @@ def run(mode: str, ids: torch.Tensor, steps: int, micro_batch: int) -> tuple[lis
     return losses, train_tps, eval_tps
 
 
+def prune_forwards(ids: torch.Tensor, repeats: int = 2) -> None:
+    """Per-layer forwards of calibration rows (batch = ids' rows) in float32 and bfloat16 weights, as the
+    sequential pass runs them: each layer's input is the previous layer's output in the same dtype."""
+    model, _ = load_model("smollm2-135m", dtype="float32")
+    model.eval()
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        with torch.no_grad():
+            hidden = model.model.embed_tokens(ids)
+            position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
+            rope = model.model.rotary_emb(hidden, position_ids)
+            outputs, seconds = [], 0.0
+            for layer in model.model.layers:
+                layer(hidden, position_embeddings=rope, position_ids=position_ids)  # warm-up, untimed
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    out = layer(hidden, position_embeddings=rope, position_ids=position_ids)
+                seconds += (time.perf_counter() - start) / repeats
+                hidden = out[0] if isinstance(out, tuple) else out
+                outputs.append(hidden.float())
+        results[dtype] = (outputs, seconds)
+    tokens = ids.numel() * len(model.model.layers)
+    fp32, bf16 = results[torch.float32], results[torch.bfloat16]
+    errors = [float((b - a).norm() / a.norm()) for a, b in zip(fp32[0], bf16[0])]
+    print(f"layer forwards, {ids.shape[0]} x {ids.shape[1]} calibration tokens x {len(errors)} layers: "
+          f"float32 {tokens / fp32[1]:.0f} tok/s ({fp32[1]:.2f} s), bfloat16 {tokens / bf16[1]:.0f} tok/s "
+          f"({bf16[1]:.2f} s), bf16 / fp32 speed {fp32[1] / bf16[1]:.3f}x")
+    print(f"bf16 layer outputs vs float32: relative error first layer {errors[0]:.4f}, median "
+          f"{sorted(errors)[len(errors) // 2]:.4f}, last layer {errors[-1]:.4f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--modes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--prune-forwards", action="store_true",
+                   help="time pruning's per-layer calibration forwards (float32 vs bfloat16 weights) instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     _, tokenizer = load_model("smollm2-135m", dtype="float32")
@@ -62,6 +102,9 @@ def main() -> None:
     flags = [f for f in CPU_BF16_FLAGS if f in cpu_flags()]
     print(f"machine: {platform.processor() or platform.machine()}, bf16 flags: {flags or 'none'}, "
           f"threads {args.threads}, torch {torch.__version__}; auto picks {resolve_mixed_precision('auto', 'float32')}")
+    if args.prune_forwards:
+        prune_forwards(ids[: args.micro_batch])
+        return
     results = {mode: run(mode, ids, args.steps, args.micro_batch) for mode in args.modes.split(",")}
     for mode, (losses, train_tps, eval_tps) in results.items():
         print(f"{mode}: micro-batch {args.micro_batch} x 128, train {train_tps:.1f} tok/s, eval {eval_tps:.1f} tok/s, "
