@@ -18,12 +18,16 @@ import inspect
 import json
 import logging
 import pydoc_data.topics
+import sys
 import sysconfig
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from sparsegpt.atomic import atomic_write_text
+from sparsegpt.cache import cache_root
 from sparsegpt.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,6 +49,10 @@ C4_MAX_MISSES = 1000  # consecutive random c4 documents too short for one window
 DOCS_PER_BATCH = 4096  # documents per tokenizer call when a source is a list of documents
 DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 SKIPPED_FOLDERS = frozenset({"test", "tests", "idle_test", "__pycache__"})
+CORPUS_FORMAT = 1  # bump when _build_stdlib_docs changes what it extracts: older cached corpora are then unused
+MEMO_SPLITS = 8  # tokenized splits remembered per process (every stage reads the same calibration/train/eval text)
+MEMO_MAX_TOKENS = 1 << 23  # larger ones (c4's train documents: ~10^8 tokens) are tokenized each time, not kept
+_memo: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 
 # Top-level stdlib modules and packages present in Python 3.10-3.13, minus tests, GUI/IDE code and codec
 # tables (sorted, fixed). Their sources are parsed, never imported: imports have side effects, and other
@@ -100,7 +108,7 @@ def calibration_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, nsamples
     generator = torch.Generator().manual_seed(seed)
     if isinstance(text, list):
         return _document_windows(source, text, tokenizer, nsamples, seqlen, generator)
-    ids = _tokenize(tokenizer, text)
+    ids = _split_ids(tokenizer, text)
     if len(ids) < nsamples * seqlen:
         raise UserError(f"{source} train has {len(ids)} tokens; {nsamples} × {seqlen} = {nsamples * seqlen} needed")
     starts = torch.randint(0, len(ids) - seqlen + 1, (nsamples,), generator=generator)
@@ -112,7 +120,7 @@ def train_tokens(source: str, tokenizer: PreTrainedTokenizerBase) -> tuple[torch
     instead (c4's protocol, which takes documents until it has enough): what pre-flight size checks compare with,
     tokenized once for every stage."""
     text = load_text(source, "train")
-    return _tokenize(tokenizer, text), isinstance(text, list)
+    return _split_ids(tokenizer, text), isinstance(text, list)
 
 
 def eval_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, seqlen: int, split: str = "test",
@@ -123,13 +131,13 @@ def eval_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, seqlen: int, sp
         max_windows = C4_EVAL_WINDOWS
     if max_windows is not None:
         _check_positive(max_windows=max_windows)
-    return _windows(source, split, _tokenize(tokenizer, load_text(source, split)), seqlen, max_windows)
+    return _windows(source, split, _split_ids(tokenizer, load_text(source, split)), seqlen, max_windows)
 
 
 def train_ids(source: str, tokenizer: PreTrainedTokenizerBase, *, seqlen: int, split: str = "train") -> torch.Tensor:
     """(n, seqlen) the whole split packed into consecutive non-overlapping windows, for fine-tuning."""
     _check_positive(seqlen=seqlen)
-    return _windows(source, split, _tokenize(tokenizer, load_text(source, split)), seqlen, None)
+    return _windows(source, split, _split_ids(tokenizer, load_text(source, split)), seqlen, None)
 
 
 def default_seqlen(model_or_config, cap: int = 2048) -> int:
@@ -165,6 +173,30 @@ def _windows(source: str, split: str, ids: torch.Tensor, seqlen: int, max_window
     if n == 0:
         raise UserError(f"{source} {split} has {len(ids)} tokens; seqlen={seqlen} needed for one window")
     return ids[: n * seqlen].view(n, seqlen)
+
+
+def _split_ids(tokenizer, text: str | list[str]) -> torch.Tensor:
+    """`_tokenize(tokenizer, text)`, remembered within the process: a run's stages tokenize the same splits with the
+    same tokenizer again and again (seconds each for a corpus). Keyed by the sha256 of the text and of the
+    tokenizer's class and full serialized definition, so another text or tokenizer is tokenized afresh; returns a
+    copy, so a caller may write into it. A tokenizer without a Rust backend (no exact fingerprint) is not memoized."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return _tokenize(tokenizer, text)
+    digest = hashlib.sha256()
+    for doc in [text] if isinstance(text, str) else text:
+        digest.update(len(doc).to_bytes(8, "big") + doc.encode())
+    key = (hashlib.sha256(f"{type(tokenizer).__qualname__}\n{backend.to_str()}".encode()).hexdigest(),
+           f"{isinstance(text, str)}:{digest.hexdigest()}")
+    if key in _memo:
+        _memo.move_to_end(key)
+        return _memo[key].clone()
+    ids = _tokenize(tokenizer, text)
+    if len(ids) <= MEMO_MAX_TOKENS:
+        _memo[key] = ids.clone()
+        while len(_memo) > MEMO_SPLITS:
+            _memo.popitem(last=False)
+    return ids
 
 
 def _tokenize(tokenizer, text: str | list[str]) -> torch.Tensor:
@@ -247,11 +279,40 @@ def _file_docs(path: Path) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _stdlib_docs() -> tuple[str, ...]:
+    """The stdlib-docs corpus (`_build_stdlib_docs`), cached on disk under $SPARSEGPT_CACHE/corpora: building it
+    parses ~440 source files (5-10 s), which every process of a run (and every test subprocess) would repeat. The
+    cache key covers every input the build reads: CORPUS_FORMAT, the Python version, the module list, and the
+    name, size and mtime of pydoc's topics and of each source file."""
+    sources = _stdlib_sources()
+    inputs = [(name, path.stat().st_size, path.stat().st_mtime_ns)
+              for name, path in [("pydoc_data/topics.py", Path(pydoc_data.topics.__file__))] + sources]
+    key = hashlib.sha256(json.dumps([CORPUS_FORMAT, sys.version, STDLIB_MODULES, sorted(SKIPPED_FOLDERS), inputs])
+                         .encode()).hexdigest()[:16]
+    path = cache_root() / "corpora" / f"{OFFLINE_SOURCE}-{key}.json"
+    try:
+        docs = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(docs, list) and all(isinstance(d, str) for d in docs):
+            return tuple(docs)
+        logger.warning("%s does not hold a list of documents; rebuilding it", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        logger.warning("cannot read the cached corpus %s (%s); rebuilding it", path, e)
+    docs = _build_stdlib_docs(sources)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(list(docs)))
+    except OSError as e:
+        logger.warning("cannot cache the stdlib-docs corpus at %s (%s); each process will rebuild it", path, e)
+    return docs
+
+
+def _build_stdlib_docs(sources: list[tuple[str, Path]]) -> tuple[str, ...]:
     """The stdlib-docs corpus: pydoc topics + docstrings in STDLIB_MODULES' sources, deduplicated, in name order."""
     named = {}  # text -> first name it was found under
     for topic in sorted(pydoc_data.topics.topics):
         _add_doc(named, inspect.cleandoc(pydoc_data.topics.topics[topic]), f"pydoc-topic:{topic}")
-    for name, path in _stdlib_sources():
+    for name, path in sources:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         _add_doc(named, ast.get_docstring(tree), name)
         for node in tree.body:

@@ -23,6 +23,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sparsegpt import compact
 from sparsegpt.atomic import write_dir_atomically
+from sparsegpt.cache import cache_root
 from sparsegpt.dsconfig import loads_sharded, whole_models
 from sparsegpt.errors import UserError
 
@@ -186,15 +187,11 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("SPARSEGPT_CACHE") or Path.home() / ".cache" / "sparsegpt").expanduser()
-
-
 def _converted_gguf(gguf: Path) -> Path:
     """The cached HF folder for a GGUF file (keyed by name, size and mtime), converting it on first use."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out_dir = _cache_root() / "models" / f"{gguf.stem}-{key}"
+    out_dir = cache_root() / "models" / f"{gguf.stem}-{key}"
     if out_dir.is_dir():  # only ever created by an atomic rename of a finished folder
         return out_dir
     logger.info("converting %s to a Hugging Face folder at %s (once)", gguf, out_dir)

@@ -366,6 +366,9 @@ def main(args: argparse.Namespace) -> int:
     """Entry for train/progressive.py (which parses the flags before importing this module, so --help is quick)."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # The ~400 k objects the imports made (torch, transformers, deepspeed) live as long as the process: moved out
+    # of the collector's sight, each gc.collect() between phases (_release) takes microseconds instead of ~0.5 s.
+    gc.freeze()
     try:
         return run(args.recipe, args.run_dir, dry_run=args.dry_run)
     except UserError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -253,3 +254,41 @@ def test_debian_licenses_hold_enough_validation_text_for_the_study(demo_model_di
     from sparsegpt.models import load_tokenizer
     windows = eval_ids("debian-licenses", load_tokenizer(demo_model_dir), seqlen=128)
     assert windows.shape[0] >= 32  # the regime study evaluates 32 x 128 held-out windows
+
+
+def test_tokenized_splits_are_remembered_exactly_and_handed_out_as_copies(txt_file, tiny_tokenizer):
+    fresh = ids_of(tiny_tokenizer, load_text(str(txt_file), "train"))
+    first = train_ids(str(txt_file), tiny_tokenizer, seqlen=8)
+    first.fill_(-1)  # a caller writing into its windows must not change what the next caller gets
+    again = train_ids(str(txt_file), tiny_tokenizer, seqlen=8)
+    assert torch.equal(again.flatten(), fresh[: again.numel()])
+    # another text (the file edited) and another tokenizer (one more token) are tokenized afresh, not served stale
+    txt_file.write_text("\n\n".join(PARAGRAPHS[:50]), encoding="utf-8")
+    edited = train_ids(str(txt_file), tiny_tokenizer, seqlen=8)
+    assert torch.equal(edited.flatten(), ids_of(tiny_tokenizer, load_text(str(txt_file), "train"))[: edited.numel()])
+    other = copy.deepcopy(tiny_tokenizer)
+    other.add_tokens(["quick brown fox"])
+    changed = train_ids(str(txt_file), other, seqlen=8)
+    assert torch.equal(changed.flatten(), ids_of(other, load_text(str(txt_file), "train"))[: changed.numel()])
+    assert not torch.equal(changed[:4], edited[:4])
+
+
+def test_stdlib_corpus_is_cached_on_disk_keyed_by_its_inputs(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPARSEGPT_CACHE", str(tmp_path))
+    data._stdlib_docs.cache_clear()
+    try:
+        built = data._stdlib_docs()
+        assert built == data._build_stdlib_docs(data._stdlib_sources())  # the cache is the build, nothing else
+        [cached] = (tmp_path / "corpora").iterdir()
+        data._stdlib_docs.cache_clear()
+        assert data._stdlib_docs() == built  # read back exactly (every character, every document)
+        cached.write_text('{"not": "a list"', encoding="utf-8")  # torn by hand: rebuilt, with a warning
+        data._stdlib_docs.cache_clear()
+        with caplog.at_level("WARNING", logger="sparsegpt.data"):
+            assert data._stdlib_docs() == built
+        assert "rebuilding" in caplog.text and json.loads(cached.read_text()) == list(built)
+        monkeypatch.setattr(data, "CORPUS_FORMAT", data.CORPUS_FORMAT + 1)  # another build: another entry
+        data._stdlib_docs.cache_clear()
+        assert data._stdlib_docs() == built and len(list((tmp_path / "corpora").iterdir())) == 2
+    finally:
+        data._stdlib_docs.cache_clear()
