@@ -277,18 +277,19 @@ def test_stdlib_corpus_is_cached_on_disk_keyed_by_its_inputs(tmp_path, monkeypat
     monkeypatch.setenv("SPARSEGPT_CACHE", str(tmp_path))
     data._stdlib_docs.cache_clear()
     try:
-        built = data._stdlib_docs()
-        assert built == data._build_stdlib_docs(data._stdlib_sources())  # the cache is the build, nothing else
+        built = data._stdlib_docs()  # an empty cache: this is the build
         [cached] = (tmp_path / "corpora").iterdir()
+        builds = []
+        monkeypatch.setattr(data, "_build_stdlib_docs", lambda sources: builds.append(len(sources)) or built)
         data._stdlib_docs.cache_clear()
-        assert data._stdlib_docs() == built  # read back exactly (every character, every document)
+        assert data._stdlib_docs() == built and builds == []  # read back exactly (every character, every document)
         cached.write_text('{"not": "a list"', encoding="utf-8")  # torn by hand: rebuilt, with a warning
         data._stdlib_docs.cache_clear()
         with caplog.at_level("WARNING", logger="sparsegpt.data"):
             assert data._stdlib_docs() == built
-        assert "rebuilding" in caplog.text and json.loads(cached.read_text()) == list(built)
+        assert "rebuilding" in caplog.text and len(builds) == 1 and json.loads(cached.read_text()) == list(built)
         monkeypatch.setattr(data, "CORPUS_FORMAT", data.CORPUS_FORMAT + 1)  # another build: another entry
         data._stdlib_docs.cache_clear()
-        assert data._stdlib_docs() == built and len(list((tmp_path / "corpora").iterdir())) == 2
+        assert data._stdlib_docs() == built and len(builds) == 2 and len(list((tmp_path / "corpora").iterdir())) == 2
     finally:
         data._stdlib_docs.cache_clear()
