@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
+from sparsegpt.capture import capture_layer_inputs, forward_layer
 from sparsegpt.data import train_ids
 from sparsegpt.models import load_model
 from sparsegpt.precision import CPU_BF16_FLAGS, cpu_flags, resolve_mixed_precision
@@ -56,28 +58,28 @@ def run(mode: str, ids: torch.Tensor, steps: int, micro_batch: int) -> tuple[lis
 
 
 def prune_forwards(ids: torch.Tensor, repeats: int = 2) -> None:
-    """Per-layer forwards of calibration rows (batch = ids' rows) in float32 and bfloat16 weights, as the
-    sequential pass runs them: each layer's input is the previous layer's output in the same dtype."""
+    """Per-layer forwards of calibration rows (one batch of ids' rows) in float32 and bfloat16 weights, as the
+    sequential pass runs them (sparsegpt.capture: each layer called with its own captured arguments, its input the
+    previous layer's output in the same dtype)."""
     model, _ = load_model("smollm2-135m", dtype="float32")
     model.eval()
+    layers = model.model.layers
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         model.to(dtype)
         with torch.no_grad():
-            hidden = model.model.embed_tokens(ids)
-            position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
-            rope = model.model.rotary_emb(hidden, position_ids)
+            [batch] = capture_layer_inputs(model, layers, ids, batch_size=len(ids), store_device="cpu")
             outputs, seconds = [], 0.0
-            for layer in model.model.layers:
-                layer(hidden, position_embeddings=rope, position_ids=position_ids)  # warm-up, untimed
+            for index, layer in enumerate(layers):
+                forward_layer(layer, index, batch, "cpu")  # warm-up, untimed
                 start = time.perf_counter()
                 for _ in range(repeats):
-                    out = layer(hidden, position_embeddings=rope, position_ids=position_ids)
+                    hidden = forward_layer(layer, index, batch, "cpu")
                 seconds += (time.perf_counter() - start) / repeats
-                hidden = out[0] if isinstance(out, tuple) else out
+                batch = replace(batch, hidden=hidden)
                 outputs.append(hidden.float())
         results[dtype] = (outputs, seconds)
-    tokens = ids.numel() * len(model.model.layers)
+    tokens = ids.numel() * len(layers)
     fp32, bf16 = results[torch.float32], results[torch.bfloat16]
     errors = [float((b - a).norm() / a.norm()) for a, b in zip(fp32[0], bf16[0])]
     print(f"layer forwards, {ids.shape[0]} x {ids.shape[1]} calibration tokens x {len(errors)} layers: "

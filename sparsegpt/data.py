@@ -284,8 +284,8 @@ def _stdlib_docs() -> tuple[str, ...]:
     cache key covers every input the build reads: CORPUS_FORMAT, the Python version, the module list, and the
     name, size and mtime of pydoc's topics and of each source file."""
     sources = _stdlib_sources()
-    inputs = [(name, path.stat().st_size, path.stat().st_mtime_ns)
-              for name, path in [("pydoc_data/topics.py", Path(pydoc_data.topics.__file__))] + sources]
+    files = [("pydoc_data/topics.py", Path(pydoc_data.topics.__file__))] + sources
+    inputs = [(name, st.st_size, st.st_mtime_ns) for name, st in ((name, path.stat()) for name, path in files)]
     key = hashlib.sha256(json.dumps([CORPUS_FORMAT, sys.version, STDLIB_MODULES, sorted(SKIPPED_FOLDERS), inputs])
                          .encode()).hexdigest()[:16]
     path = cache_root() / "corpora" / f"{OFFLINE_SOURCE}-{key}.json"
