@@ -7,9 +7,9 @@
 # (i)   a short progressive run: bf16, ZeRO-3 on ONE process, KD from the dense model on, 2 small stages
 #       (50 % then 70 %), via `accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 1
 #       --mixed_precision bf16 train/progressive.py --recipe R`; torch.cuda.max_memory_allocated() per phase
-#       (custom eval hook bench/gpu_hooks.py:cuda_peak) printed next to `train/progressive.py --recipe R --dry-run`;
+#       (custom eval hook bench/gpu/gpu_hooks.py:cuda_peak) printed next to `train/progressive.py --recipe R --dry-run`;
 # (ii)  `pytest -m gpu tests/` (CUDA-marked tests) and tests/test_zero.py (see the TODO there: it runs on CPU);
-# (iii) `python bench/inference.py --gpu` (the 2:4 semi-structured section).
+# (iii) `python bench/inference/inference.py --gpu` (the 2:4 semi-structured section).
 # Everything goes to stdout and, when $OUT is set, also to $OUT/gpu_check.txt (plus the run's metrics.jsonl and
 # the recipe). Each step has a time cap inside the overall 8-minute budget; a failed or timed-out step is
 # reported and the script goes on; the exit status is non-zero if any step failed.
@@ -30,7 +30,7 @@ fi
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export SPARSEGPT_NO_PROGRESS=1 PYTHONWARNINGS=ignore
-export PYTHONPATH="$REPO/bench:$REPO${PYTHONPATH:+:$PYTHONPATH}"   # bench: the custom hook module gpu_hooks
+export PYTHONPATH="$REPO/bench/gpu:$REPO${PYTHONPATH:+:$PYTHONPATH}"   # bench: the custom hook module gpu_hooks
 
 MODEL=${GPU_CHECK_MODEL:-random-llama-350m}
 WORK=$(mktemp -d -t gpu-check-XXXXXX)
@@ -134,7 +134,7 @@ step "pytest -m gpu" 60 python -m pytest -q -m gpu tests/
 step "tests/test_zero.py (CPU/gloo, see TODO)" 100 python -m pytest -q -x tests/test_zero.py
 
 # --- (iii) 2:4 inference on CUDA ---------------------------------------------------------------------------------------
-step "bench/inference.py --gpu" 60 python bench/inference.py --gpu
+step "bench/inference/inference.py --gpu" 60 python bench/inference/inference.py --gpu
 
 echo "gpu_check: done in ${SECONDS}s"
 if ((${#FAILED[@]})); then

@@ -2,12 +2,12 @@
 
 import importlib
 
-from sparsegpt.errors import UserError
+from sparsegpt.core.errors import UserError
 
 __version__ = "0.1.0"
 
-# Public names resolved on first use (PEP 562), so `import sparsegpt.recipe` and `sparsegpt --help` load no torch.
-_LAZY = {"prune_matrix": "sparsegpt.solver", "load_compact": "sparsegpt.compact"}
+# Public names resolved on first use (PEP 562): `import sparsegpt.config.recipe`, `sparsegpt --help` load no torch.
+_LAZY = {"prune_matrix": "sparsegpt.prune.solver", "load_compact": "sparsegpt.storage.compact"}
 __all__ = ["UserError", "__version__", *_LAZY]
 
 

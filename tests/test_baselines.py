@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sparsegpt.baselines import PRUNERS, magnitude_prune, wanda_prune
-from sparsegpt.errors import UserError
-from sparsegpt.solver import prune_matrix
+from sparsegpt.core.errors import UserError
+from sparsegpt.prune.baselines import PRUNERS, magnitude_prune, wanda_prune
+from sparsegpt.prune.solver import prune_matrix
 
 
 def problem(rows=8, cols=24, seed=0):

@@ -1,4 +1,4 @@
-"""sparsegpt.compact and `sparsegpt export`: bit-identical round trips (unstructured and 2:4, fp32/bf16/fp16,
+"""sparsegpt.storage.compact and `sparsegpt export`: bit-identical round trips (unstructured and 2:4, fp32/bf16/fp16,
 Llama and GPT-2 Conv1D), the bytes a 90 % model takes, the CUTLASS layout of 2:4 weights, and bad input."""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from torch.sparse import to_sparse_semi_structured
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from sparsegpt import cli, compact, compact_codec
-from sparsegpt.architectures import prunable_linears, weight_as_linear
-from sparsegpt.errors import UserError
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import load_model, save_model
+from sparsegpt import cli
+from sparsegpt.core.architectures import prunable_linears, weight_as_linear
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.storage import compact, compact_codec
+from sparsegpt.storage.models import load_model, save_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

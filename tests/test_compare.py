@@ -13,7 +13,8 @@ from matplotlib.image import imread
 from sparsegpt.commands import compare as compare_cmd
 from sparsegpt.commands import eval as eval_cmd
 from sparsegpt.commands import report as report_cmd
-from sparsegpt.compare import (
+from sparsegpt.core.errors import UserError
+from sparsegpt.run.compare import (
     best_per_target,
     choose_metric,
     load_runs,
@@ -22,7 +23,6 @@ from sparsegpt.compare import (
     write_compare,
     write_report,
 )
-from sparsegpt.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -155,7 +155,7 @@ def test_eval_command_on_saved_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     from test_evaluation import byte_tokenizer, prune_by_hand, tiny_llama
 
-    from sparsegpt.masks import MaskSet
+    from sparsegpt.core.masks import MaskSet
 
     model, tokenizer = tiny_llama(), byte_tokenizer()
     masks = MaskSet(prune_by_hand(model))

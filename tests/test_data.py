@@ -1,4 +1,4 @@
-"""sparsegpt.data: offline corpus, local files, window extraction, hub protocols (hub replaced by local rows)."""
+"""sparsegpt.core.data: offline corpus, local files, window extraction, hub protocols (hub replaced by local rows)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from sparsegpt import data
-from sparsegpt.data import calibration_ids, check_source, default_seqlen, eval_ids, load_text, train_ids
-from sparsegpt.errors import UserError
+from sparsegpt.core import data
+from sparsegpt.core.data import calibration_ids, check_source, default_seqlen, eval_ids, load_text, train_ids
+from sparsegpt.core.errors import UserError
 
 PARAGRAPHS = [f"Paragraph {i}: the quick brown fox number {i} jumps over {i % 7} lazy dogs." for i in range(400)]
 
@@ -53,7 +53,7 @@ def test_stdlib_docs_is_large_and_split_by_stable_hash():
 
 
 def test_stdlib_docs_identical_across_processes():
-    code = ("import hashlib; from sparsegpt.data import load_text; "
+    code = ("import hashlib; from sparsegpt.core.data import load_text; "
             "print(hashlib.sha256(load_text('stdlib-docs', 'train').encode()).hexdigest())")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2")]  # in parallel
@@ -251,7 +251,7 @@ def test_debian_licenses_missing_folder_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not data.LICENSES_DIR.is_dir(), reason="no /usr/share/common-licenses on this system")
 def test_debian_licenses_hold_enough_validation_text_for_the_study(demo_model_dir):
-    from sparsegpt.models import load_tokenizer
+    from sparsegpt.storage.models import load_tokenizer
     windows = eval_ids("debian-licenses", load_tokenizer(demo_model_dir), seqlen=128)
     assert windows.shape[0] >= 32  # the regime study evaluates 32 x 128 held-out windows
 
@@ -285,7 +285,7 @@ def test_stdlib_corpus_is_cached_on_disk_keyed_by_its_inputs(tmp_path, monkeypat
         assert data._stdlib_docs() == built and builds == []  # read back exactly (every character, every document)
         cached.write_text('{"not": "a list"', encoding="utf-8")  # torn by hand: rebuilt, with a warning
         data._stdlib_docs.cache_clear()
-        with caplog.at_level("WARNING", logger="sparsegpt.data"):
+        with caplog.at_level("WARNING", logger="sparsegpt.core.data"):
             assert data._stdlib_docs() == built
         assert "rebuilding" in caplog.text and len(builds) == 1 and json.loads(cached.read_text()) == list(built)
         monkeypatch.setattr(data, "CORPUS_FORMAT", data.CORPUS_FORMAT + 1)  # another build: another entry

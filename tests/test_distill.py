@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sparsegpt.distill import (
+from sparsegpt.core.errors import UserError
+from sparsegpt.heal.distill import (
     KDConfig,
     check_compatible,
     kd_loss,
@@ -22,7 +23,6 @@ from sparsegpt.distill import (
     squarehead,
     teacher_ds_config,
 )
-from sparsegpt.errors import UserError
 
 torch.set_num_threads(1)
 VOCAB = 96
@@ -194,7 +194,7 @@ ZERO3_SCRIPT = textwrap.dedent("""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
     from transformers import LlamaConfig, LlamaForCausalLM
-    from sparsegpt.distill import prepare_teacher
+    from sparsegpt.heal.distill import prepare_teacher
     torch.set_num_threads(1)
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=3))
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from dist_eval_worker import BAD_SOURCE, PPL_CASES, cases, good_hooks, write_tex
 from test_evaluation import windows
 from test_zero import _torchrun
 
-from sparsegpt.evaluation import evaluate_hooks, perplexity
+from sparsegpt.evaluate.runners import evaluate_hooks, perplexity
 
 pytestmark = pytest.mark.slow
 UNKNOWN = "UserError: unknown text source 'no-such-source-xyz'"

@@ -19,9 +19,9 @@ from dist_prune_worker import CASES, build, outcome
 from launching import free_port
 
 from sparsegpt import cli
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import save_model
-from sparsegpt.sequential import prune_model
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.prune.sequential import prune_model
+from sparsegpt.storage.models import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -12,12 +12,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sparsegpt.compare import flatten_for_trackers, format_stage_table
-from sparsegpt.errors import UserError
-from sparsegpt.evaluation import generate_samples, lm_eval_tasks, perplexity, run_hooks, sparsity_report
-from sparsegpt.hooks import HOOKS, HookContext, runner, validate_hooks
-from sparsegpt.masks import MaskSet
-from sparsegpt.rundir import append_metrics, read_metrics
+from sparsegpt.config.hooks import HOOKS, HookContext, runner, validate_hooks
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.evaluate.runners import generate_samples, lm_eval_tasks, perplexity, run_hooks, sparsity_report
+from sparsegpt.run.compare import flatten_for_trackers, format_stage_table
+from sparsegpt.run.rundir import append_metrics, read_metrics
 
 torch.set_num_threads(1)
 TASKS_DIR = Path(__file__).parent / "data" / "lm_eval_tasks"
@@ -188,7 +188,7 @@ def test_generate_samples_is_greedy(model, tokenizer):
 
 
 def test_perplexity_hook_uses_eval_windows(model, tokenizer):
-    from sparsegpt.data import eval_ids
+    from sparsegpt.core.data import eval_ids
 
     hook = {"type": "perplexity", "source": "stdlib-docs", "seqlen": 32, "max_windows": 3, "batch_size": 2}
     metrics, errors = run_hooks(model, tokenizer, [hook], HookContext(device="cpu"))

@@ -15,12 +15,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from test_sequential import out_hidden, record_layer_inputs
 
-from sparsegpt.architectures import ExpertLinear, decoder_layers, family_of, prunable_linears, weight_as_linear
-from sparsegpt.capture import capture_layer_inputs
-from sparsegpt.finetune import FinetuneConfig, finetune
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import save_model
-from sparsegpt.sequential import PruneConfig, layerwise_hidden_states, prune_model
+from sparsegpt.core.architectures import ExpertLinear, decoder_layers, family_of, prunable_linears, weight_as_linear
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.heal.config import FinetuneConfig
+from sparsegpt.heal.finetune import finetune
+from sparsegpt.prune.capture import capture_layer_inputs
+from sparsegpt.prune.sequential import PruneConfig, layerwise_hidden_states, prune_model
+from sparsegpt.storage.models import save_model
 
 VOCAB, ROWS, SEQLEN, BATCH, WINDOW = 512, 6, 16, 4, 4  # sliding window 4 < 16 tokens: the window matters
 BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -17,15 +17,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from zero_worker import magnitude_prune, tiny_llama, toy_ids
 
-from sparsegpt.checkpoint import save_finetuned
 from sparsegpt.cli import main
-from sparsegpt.distill import KDConfig
-from sparsegpt.dsconfig import deepspeed_config
-from sparsegpt.errors import UserError
-from sparsegpt.finetune import DataOrder, FinetuneConfig, TrainingDiverged, finetune, lr_factor
-from sparsegpt.lora import LoraSettings
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import load_model, save_model
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.heal.checkpoint import save_finetuned
+from sparsegpt.heal.config import FinetuneConfig
+from sparsegpt.heal.distill import KDConfig
+from sparsegpt.heal.dsconfig import deepspeed_config
+from sparsegpt.heal.finetune import DataOrder, TrainingDiverged, finetune, lr_factor
+from sparsegpt.heal.lora import LoraSettings
+from sparsegpt.storage.models import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ from launching import free_port
 from safetensors.torch import load_file
 from zero_worker import magnitude_prune
 
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import load_model, save_model
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.storage.models import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (REPO / "recipes" / "accelerate").glob("*.yaml"))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from sparsegpt.errors import UserError
-from sparsegpt.lora import LoraSettings, add_sparse_lora, merge_sparse_lora
+from sparsegpt.core.errors import UserError
+from sparsegpt.heal.lora import LoraSettings, add_sparse_lora, merge_sparse_lora
 
 torch.set_num_threads(1)
 VOCAB = 96

@@ -12,10 +12,10 @@ import transformers as T
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
-from sparsegpt.architectures import prunable_linears, weight_as_linear
-from sparsegpt.enforce import MaskEnforcer
-from sparsegpt.errors import UserError
-from sparsegpt.masks import MaskSet, keep_mask_of, mask_in_param_layout, pack_bits, unpack_bits
+from sparsegpt.core.architectures import prunable_linears, weight_as_linear
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet, keep_mask_of, mask_in_param_layout, pack_bits, unpack_bits
+from sparsegpt.heal.enforce import MaskEnforcer
 
 
 def _pruned(model, fraction: float = 0.6, seed: int = 0):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, LlamaConfig, OPTConfig
 
-from sparsegpt.errors import UserError
-from sparsegpt.memory import GIB, estimate, format_plan, plan_for
-from sparsegpt.recipe import Recipe
+from sparsegpt.config.recipe import Recipe
+from sparsegpt.core.errors import UserError
+from sparsegpt.run.memory import GIB, estimate, format_plan, plan_for
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=False)
@@ -32,7 +32,7 @@ def test_opt125m_param_count():
     assert e["layers"] == 12 and e["default_seqlen"] == 2048
 
 
-# Measured peaks (bench/memory.py --pins, on the machine and date each entry names) the estimator is held to: the
+# Measured peaks (bench/memory/memory.py --pins, on the machine and date each entry names) the estimator is held to: the
 # estimate of each measured configuration, device + cpu (a CPU-only machine holds both), within ±25 %.
 MEASURED = json.loads((Path(__file__).parent / "data" / "memory_measured.json").read_text())
 
@@ -120,7 +120,7 @@ def test_plan_for_reads_only_the_config(tmp_path):
 
 def _recipe_headers():
     spec = importlib.util.spec_from_file_location("recipe_headers", Path(__file__).parents[1] / "bench" /
-                                                  "recipe_headers.py")
+                                                  "memory" / "recipe_headers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -139,5 +139,5 @@ def test_recipe_header_states_this_estimate_and_it_fits_the_hardware(path):
     lines, facts = HEADERS.block(path)
     header = path.read_text().split("\nname:")[0]
     for line in lines:
-        assert line in header, f"{path.name}: regenerate with python bench/recipe_headers.py --write"
+        assert line in header, f"{path.name}: regenerate with python bench/memory/recipe_headers.py --write"
     assert facts["fits"], facts

@@ -1,4 +1,4 @@
-"""sparsegpt.models: save/load round trips, atomic writes, path resolution, GGUF conversion of the demo model."""
+"""sparsegpt.storage.models: save/load round trips, atomic writes, path resolution, GGUF conversion of the demo."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsegpt import models
-from sparsegpt.atomic import write_dir_atomically
-from sparsegpt.errors import UserError
-from sparsegpt.models import DEMO_MODEL, check_model, load_model, resolve_model_path, save_model
+from sparsegpt.core.atomic import write_dir_atomically
+from sparsegpt.core.errors import UserError
+from sparsegpt.storage import models
+from sparsegpt.storage.models import DEMO_MODEL, check_model, load_model, resolve_model_path, save_model
 
 TIED = {"llama": False, "opt": True, "bloom": True, "gpt2": True, "gpt_neox": False}
 
@@ -89,7 +89,7 @@ def test_write_keeps_folder_another_process_finished(tmp_path, caplog):
         out.mkdir()  # the other process renames its finished folder into place meanwhile
         (out / "theirs").write_text("first")
 
-    with caplog.at_level(logging.INFO, logger="sparsegpt.atomic"):
+    with caplog.at_level(logging.INFO, logger="sparsegpt.core.atomic"):
         write_dir_atomically(out, write, replace=False)
     assert [p.name for p in out.iterdir()] == ["theirs"] and "another process" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["converted"]
@@ -153,7 +153,7 @@ def test_demo_gguf_conversion_matches_transformers_and_is_cached(demo_model_dir,
     gguf = models.demo_gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     ref_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with caplog.at_level(logging.INFO, logger="sparsegpt.models"):
+    with caplog.at_level(logging.INFO, logger="sparsegpt.storage.models"):
         model, tokenizer = load_model(DEMO_MODEL)
     assert "converting" not in caplog.text  # the session fixture converted it; this reused the cache
     assert tied(model) and not hasattr(model.config, "quantization_config")

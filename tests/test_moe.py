@@ -25,16 +25,17 @@ from test_sequential import spy_hessians
 from transformers.activations import ACT2FN
 
 from sparsegpt import cli
-from sparsegpt.architectures import ExpertLinear, decoder_layers, prunable_linears, weight_as_linear
-from sparsegpt.checkpoint import save_finetuned
-from sparsegpt.enforce import MaskEnforcer
-from sparsegpt.errors import UserError
-from sparsegpt.evaluation import sparsity_report
-from sparsegpt.finetune import FinetuneConfig, finetune
-from sparsegpt.lora import _target_names
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import save_model
-from sparsegpt.sequential import PruneConfig, prune_model
+from sparsegpt.core.architectures import ExpertLinear, decoder_layers, prunable_linears, weight_as_linear
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.evaluate.runners import sparsity_report
+from sparsegpt.heal.checkpoint import save_finetuned
+from sparsegpt.heal.config import FinetuneConfig
+from sparsegpt.heal.enforce import MaskEnforcer
+from sparsegpt.heal.finetune import finetune
+from sparsegpt.heal.lora import _target_names
+from sparsegpt.prune.sequential import PruneConfig, prune_model
+from sparsegpt.storage.models import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,7 +224,7 @@ def test_finetune_then_save_finetuned_reloads_with_expert_masks_exact(tmp_path):
 
 def test_lora_without_targets_skips_fused_experts(caplog):
     model = tiny_model("mixtral")
-    with caplog.at_level("WARNING", logger="sparsegpt.lora"):
+    with caplog.at_level("WARNING", logger="sparsegpt.heal.lora"):
         names = _target_names(model, None)
     assert names and not any(".experts." in n for n in names)
     assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in names)

@@ -1,7 +1,7 @@
 """End-to-end progressive runs of a tiny model through the real entry script, including SIGKILL and resume.
 
 Each run is a real subprocess (`python train/progressive.py ...`, single process, CPU). A kill is a real SIGKILL
-delivered at a named point (sparsegpt.failpoints); re-running the same command must reach exactly the metrics of
+delivered at a named point (sparsegpt.core.failpoints); re-running the same command must reach exactly the metrics of
 the uninterrupted run (CPU, float32, fixed seeds: bitwise equal).
 """
 
@@ -18,8 +18,8 @@ import pytest
 import torch
 from launching import free_port
 
-from sparsegpt.compact import is_compact, load_masks
-from sparsegpt.models import load_model
+from sparsegpt.storage.compact import is_compact, load_masks
+from sparsegpt.storage.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,7 +256,7 @@ def test_two_process_zero3_progressive_run_keeps_masks(zero3_reference):
             ranks = r["world"]["prune_ranks"]
             assert r["world"]["streamed"] and [q["calibration_rows"] for q in ranks] == [4, 4], ranks
             assert all(q["linears"] > 0 for q in ranks), ranks
-    from sparsegpt.masks import MaskSet
+    from sparsegpt.core.masks import MaskSet
 
     for i, name in enumerate(["00-s50", "01-s70"]):
         folder = run_dir / "stages" / name / "model"

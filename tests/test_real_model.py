@@ -4,9 +4,9 @@ and Wanda better than magnitude, at 50 % and 70 % — the ordering the papers re
 import pytest
 import torch
 
-from sparsegpt.data import calibration_ids
-from sparsegpt.models import load_model
-from sparsegpt.sequential import PruneConfig, layerwise_hidden_states, prune_model
+from sparsegpt.core.data import calibration_ids
+from sparsegpt.prune.sequential import PruneConfig, layerwise_hidden_states, prune_model
+from sparsegpt.storage.models import load_model
 
 pytestmark = pytest.mark.slow
 METHODS = ("sparsegpt", "wanda", "magnitude")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparsegpt.dsconfig import recipe_deepspeed_config as deepspeed_config
-from sparsegpt.errors import UserError
-from sparsegpt.recipe import FinetuneSettings, Recipe, Schedule, load_recipe
-from sparsegpt.run import finetune_config
+from sparsegpt.config.recipe import FinetuneSettings, Recipe, Schedule, load_recipe
+from sparsegpt.core.errors import UserError
+from sparsegpt.heal.dsconfig import recipe_deepspeed_config as deepspeed_config
+from sparsegpt.run.scheduler import finetune_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""The regime study (bench/regime.py): every planned recipe is valid and spends exactly its budget; the report's
+"""The regime study (bench/regime/regime.py): every planned recipe is valid and spends exactly its budget; the report's
 table, derived one-shot row, seed spreads and winner verdicts, from run dirs written the way the scheduler does."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sparsegpt.recipe import Recipe, load_recipe
-from sparsegpt.rundir import append_metrics
+from sparsegpt.config.recipe import Recipe, load_recipe
+from sparsegpt.run.rundir import append_metrics
 
-BENCH = Path(__file__).parents[1] / "bench"
+BENCH = Path(__file__).parents[1] / "bench" / "regime"
 
 
 def _module(name: str):
@@ -99,7 +99,7 @@ def test_shipped_smollm2_recipes_are_the_study_runs_their_headers_quote():
 
 
 def test_a_run_is_finished_only_when_every_stage_of_its_recipe_is_complete(tmp_path):
-    from sparsegpt.rundir import Phase, RunDir, RunState, StageState
+    from sparsegpt.run.rundir import Phase, RunDir, RunState, StageState
 
     recipe = Recipe.model_validate(regime.build_recipe("prog4", regime.SMALL, 0))
     rd = RunDir(tmp_path / "prog4-16k-s0")

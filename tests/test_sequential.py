@@ -10,14 +10,14 @@ import torch
 import transformers as T
 from test_architectures import FIVE
 
-from sparsegpt import allocation, sequential
-from sparsegpt.architectures import decoder_layers, prunable_linears, weight_as_linear
-from sparsegpt.data import calibration_ids
-from sparsegpt.errors import UserError
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import load_model
-from sparsegpt.sequential import PruneConfig, layerwise_hidden_states, prune_model
-from sparsegpt.solver import prune_matrix, reconstruction_error
+from sparsegpt.core.architectures import decoder_layers, prunable_linears, weight_as_linear
+from sparsegpt.core.data import calibration_ids
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.prune import allocation, sequential
+from sparsegpt.prune.sequential import PruneConfig, layerwise_hidden_states, prune_model
+from sparsegpt.prune.solver import prune_matrix, reconstruction_error
+from sparsegpt.storage.models import load_model
 
 NSAMPLES, SEQLEN, BATCH = 6, 64, 4  # uneven last batch on purpose; 384 tokens > 256 cols: H full rank
 

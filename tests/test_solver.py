@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from sparsegpt.baselines import magnitude_prune, wanda_prune
-from sparsegpt.errors import UserError
-from sparsegpt.solver import (
+from sparsegpt.core.errors import UserError
+from sparsegpt.prune.baselines import magnitude_prune, wanda_prune
+from sparsegpt.prune.solver import (
     inverse_hessian_factor,
     prune_group_with_factor,
     prune_matrix,
@@ -216,7 +216,7 @@ def test_cholesky_retry_on_singular_hessian(caplog):
     g = torch.Generator().manual_seed(12)
     X = torch.randn(4, 32, generator=g)  # rank 4 < 32 columns
     W = torch.randn(8, 32, generator=g)
-    with caplog.at_level(logging.WARNING, logger="sparsegpt.solver"):
+    with caplog.at_level(logging.WARNING, logger="sparsegpt.prune.solver"):
         factor = inverse_hessian_factor(X.T @ X, percdamp=0.0)
         out, mask = prune_with_factor(W, factor, 0.5)
     assert factor.damp > 0 and "not positive definite" in caplog.text

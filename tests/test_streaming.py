@@ -1,4 +1,4 @@
-"""Layer-streamed pruning (`sparsegpt.streaming`): the same bits as the in-memory path, a folder plain
+"""Layer-streamed pruning (`sparsegpt.prune.streaming`): the same bits as the in-memory path, a folder plain
 transformers loads, a checkpoint checked before any layer is pruned, and a previous output that survives a kill."""
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from sparsegpt import streaming
-from sparsegpt.data import calibration_ids
-from sparsegpt.errors import UserError
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import load_model, save_model
-from sparsegpt.sequential import PruneConfig, prune_model
-from sparsegpt.streaming import prune_streamed
+from sparsegpt.core.data import calibration_ids
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.prune import streaming
+from sparsegpt.prune.sequential import PruneConfig, prune_model
+from sparsegpt.prune.streaming import prune_streamed
+from sparsegpt.storage.models import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = dict(sparsity=0.5, batch_size=2)
@@ -192,8 +192,8 @@ def test_tied_config_with_two_different_stored_tensors_is_refused(sources, calib
 KILLED_RUN = """
 import sys
 from safetensors.torch import load_file
-from sparsegpt.sequential import PruneConfig
-from sparsegpt.streaming import prune_streamed
+from sparsegpt.prune.sequential import PruneConfig
+from sparsegpt.prune.streaming import prune_streamed
 prune_streamed(sys.argv[1], load_file(sys.argv[2])["ids"], PruneConfig(sparsity=0.7, batch_size=2), sys.argv[3])
 """
 
@@ -221,10 +221,10 @@ TWO_RANKS = """
 import json, sys
 from pathlib import Path
 from safetensors.torch import load_file
-from sparsegpt.models import load_model, save_model
-from sparsegpt.sequential import PruneConfig, prune_model
-from sparsegpt.streaming import prune_streamed
-from sparsegpt.world import init_from_env
+from sparsegpt.storage.models import load_model, save_model
+from sparsegpt.prune.sequential import PruneConfig, prune_model
+from sparsegpt.prune.streaming import prune_streamed
+from sparsegpt.core.world import init_from_env
 world = init_from_env()
 source, calib, out = sys.argv[1], load_file(sys.argv[2])["ids"], Path(sys.argv[3])
 cfg = PruneConfig(sparsity=0.5, batch_size=2, allocation="owl", owl_lambda=0.2)

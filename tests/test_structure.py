@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from sparsegpt.commands import prune as prune_command
-from sparsegpt.distill import KDConfig
-from sparsegpt.finetune import FinetuneConfig
-from sparsegpt.lora import LoraSettings
-from sparsegpt.recipe import FinetuneSettings, KDSettings, LoraSection, PruneSettings
-from sparsegpt.run import PIPELINE
-from sparsegpt.rundir import Phase
-from sparsegpt.sequential import PruneConfig
+from sparsegpt.config.recipe import FinetuneSettings, KDSettings, LoraSection, PruneSettings
+from sparsegpt.heal.config import FinetuneConfig
+from sparsegpt.heal.distill import KDConfig
+from sparsegpt.heal.lora import LoraSettings
+from sparsegpt.prune.sequential import PruneConfig
+from sparsegpt.run.rundir import Phase
+from sparsegpt.run.scheduler import PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sparsegpt"
@@ -53,6 +53,66 @@ def test_modules_stay_short(path):
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it by concern"
 
 
+# -- the layering (docs/ARCHITECTURE.md "Layout"): a subpackage imports only its own and lower ones ------------
+LAYERS = ("core", "config", "storage", "prune", "heal", "evaluate", "run", "commands")
+TOP = {"sparsegpt", "sparsegpt.cli"}  # the package's public names and the console script stand above every layer
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _first_party_imports(path: Path) -> set[str]:
+    """Every sparsegpt module `path` imports, at any depth of its code (TYPE_CHECKING blocks included)."""
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("sparsegpt")}
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("sparsegpt"):
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                      for a in node.names}
+    return found
+
+
+def _layer(module: str) -> int:
+    if module in TOP:
+        return len(LAYERS)
+    return LAYERS.index(module.split(".")[1])
+
+
+def test_every_module_lives_in_a_layer():
+    loose = [m for m in map(_module_name, PACKAGE.rglob("*.py")) if m not in TOP and m.split(".")[1] not in LAYERS]
+    assert not loose, f"modules outside the layers {LAYERS}: {loose}; put each in the subpackage of its concern"
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_imports_a_higher_layer(path):
+    here = _module_name(path)
+    upward = sorted(m for m in _first_party_imports(path) if m != "sparsegpt" and _layer(m) > _layer(here))
+    assert not upward, f"{here} (layer {LAYERS[_layer(here)] if here not in TOP else 'top'}) imports {upward}"
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {_module_name(p): _first_party_imports(p) - {"sparsegpt"} for p in PACKAGE.rglob("*.py")}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path + [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [])):
+            pytest.fail("import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]):]))
+
+
 def _imported_after(statement: str) -> set[str]:
     code = f"import sys; {statement}; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -60,7 +120,7 @@ def _imported_after(statement: str) -> set[str]:
 
 
 def test_recipe_and_hook_registry_import_neither_torch_nor_transformers():
-    loaded = _imported_after("import sparsegpt.recipe, sparsegpt.hooks")
+    loaded = _imported_after("import sparsegpt.config.recipe, sparsegpt.config.hooks")
     assert not loaded & {"torch", "transformers", "accelerate"}, loaded & {"torch", "transformers", "accelerate"}
 
 

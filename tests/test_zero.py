@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from zero_worker import magnitude_prune, tiny_llama, toy_ids, worker_config
 
-from sparsegpt.finetune import finetune
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import load_model, save_model
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.heal.finetune import finetune
+from sparsegpt.storage.models import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

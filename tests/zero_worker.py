@@ -22,13 +22,14 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sparsegpt import finetune as finetune_module
-from sparsegpt.architectures import prunable_linears
-from sparsegpt.checkpoint import save_finetuned
-from sparsegpt.dsconfig import cpu_deepspeed_handlers
-from sparsegpt.enforce import MaskEnforcer
-from sparsegpt.finetune import FinetuneConfig, finetune
-from sparsegpt.masks import MaskSet, mask_in_param_layout
+from sparsegpt.core.architectures import prunable_linears
+from sparsegpt.core.masks import MaskSet, mask_in_param_layout
+from sparsegpt.heal import finetune as finetune_module
+from sparsegpt.heal.checkpoint import save_finetuned
+from sparsegpt.heal.config import FinetuneConfig
+from sparsegpt.heal.dsconfig import cpu_deepspeed_handlers
+from sparsegpt.heal.enforce import MaskEnforcer
+from sparsegpt.heal.finetune import finetune
 
 VOCAB = 96
 

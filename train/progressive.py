@@ -3,7 +3,7 @@
     accelerate launch train/progressive.py --recipe recipes/demo.yaml [--run-dir runs/demo] [--dry-run]
 
 Running the same command again resumes the run in its run dir. This script only parses the flags (before the
-library is imported, so --help answers at once); all logic lives in `sparsegpt.run`.
+library is imported, so --help answers at once); all logic lives in `sparsegpt.run.scheduler`.
 """
 
 import argparse
@@ -33,6 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     arguments = build_parser().parse_args()
-    from sparsegpt.run import main  # noqa: E402 -- after parsing: --help must not wait for torch and transformers
+    from sparsegpt.run.scheduler import main  # noqa: E402 -- after parsing: --help must not wait for torch and transformers
 
     sys.exit(main(arguments))

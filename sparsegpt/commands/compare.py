@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sparsegpt.compare import choose_metric, load_runs, write_compare
+from sparsegpt.run.compare import choose_metric, load_runs, write_compare
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from sparsegpt.compact import folder_masks
-from sparsegpt.compare import format_value
-from sparsegpt.evaluation import run_hooks
-from sparsegpt.hooks import HookContext, validate_hooks
-from sparsegpt.models import load_model, resolve_model_path
+from sparsegpt.config.hooks import HookContext, validate_hooks
+from sparsegpt.evaluate.runners import run_hooks
+from sparsegpt.run.compare import format_value
+from sparsegpt.storage.compact import folder_masks
+from sparsegpt.storage.models import load_model, resolve_model_path
 
 DEFAULT_PROMPTS = ("The meaning of life is", "def fibonacci(n):", "Paris is the capital of")
 

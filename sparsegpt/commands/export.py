@@ -20,7 +20,7 @@ import argparse
 import re
 from pathlib import Path
 
-from sparsegpt.compact import DEFAULT_MAX_SHARD_BYTES, export
+from sparsegpt.storage.compact import DEFAULT_MAX_SHARD_BYTES, export
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

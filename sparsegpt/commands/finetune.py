@@ -27,16 +27,17 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from sparsegpt.checkpoint import save_finetuned
-from sparsegpt.compact import folder_masks
-from sparsegpt.data import check_source, default_seqlen, train_ids
-from sparsegpt.distill import KDConfig
-from sparsegpt.dsconfig import cpu_deepspeed_handlers
-from sparsegpt.errors import UserError
-from sparsegpt.finetune import FinetuneConfig, finetune
-from sparsegpt.lora import LoraSettings
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import check_model, load_for_training, resolve_model_path
+from sparsegpt.core.data import check_source, default_seqlen, train_ids
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.heal.checkpoint import save_finetuned
+from sparsegpt.heal.config import FinetuneConfig
+from sparsegpt.heal.distill import KDConfig
+from sparsegpt.heal.dsconfig import cpu_deepspeed_handlers
+from sparsegpt.heal.finetune import finetune
+from sparsegpt.heal.lora import LoraSettings
+from sparsegpt.storage.compact import folder_masks
+from sparsegpt.storage.models import check_model, load_for_training, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     _check_args(args)
     # The Accelerator first: under a ZeRO-3 config with zero3_init_flag (recipes/accelerate/zero3*.yaml) it makes
-    # from_pretrained build student and teacher straight into each rank's partition (`dsconfig.loads_sharded`).
+    # from_pretrained build student and teacher straight into each rank's partition (`zero.loads_sharded`).
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
     model, tokenizer = load_for_training(args.model, accelerator, dtype=args.dtype)
     teacher = load_for_training(args.kd, accelerator, dtype=args.dtype)[0] if args.kd else None

@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
-from sparsegpt.data import calibration_ids, check_source, default_seqlen
-from sparsegpt.errors import UserError
-from sparsegpt.masks import MaskSet
-from sparsegpt.models import check_model, load_model, load_tokenizer, local_folder, save_model
-from sparsegpt.sequential import PruneConfig, prune_model
-from sparsegpt.streaming import prune_streamed
-from sparsegpt.world import World, agree, init_from_env
+from sparsegpt.core.data import calibration_ids, check_source, default_seqlen
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
+from sparsegpt.core.world import World, agree, init_from_env
+from sparsegpt.prune.sequential import PruneConfig, prune_model
+from sparsegpt.prune.streaming import prune_streamed
+from sparsegpt.storage.models import check_model, load_model, load_tokenizer, local_folder, save_model
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sparsegpt.compare import write_report
+from sparsegpt.run.compare import write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

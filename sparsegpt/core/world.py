@@ -1,0 +1,148 @@
+"""The process group a pass runs in: rank, size and the few collectives pruning and evaluation need.
+
+`World.current()` is the torch.distributed group when one is initialized (as under `accelerate launch`), else a
+world of one process, in which every collective is a no-op, so library code has one path for 1 and N processes.
+Work is split deterministically: `share(n)` gives rank r the contiguous items [r*n/size, (r+1)*n/size), and
+`owner(k)` assigns item k to rank k % size; a rank may get nothing (it still joins every collective).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sparsegpt.core.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def current(cls) -> World:
+        """The initialized default process group, or a world of one."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> range:
+        """This rank's contiguous share of n items (sizes differ by at most one; low ranks get the extra)."""
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
+
+    def owner(self, k: int) -> int:
+        """The rank that does item k (round robin)."""
+        return k % self.size
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum `tensor` over the ranks in place (no-op in a world of one); returns it."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast(self, tensor: Tensor, src: int) -> Tensor:
+        """Every rank's `tensor` (same shape and dtype everywhere) becomes src's, in place; returns it."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=src)
+        return tensor
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """src's picklable `obj`, on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def gather_objects(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        out: list[object] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def sum_scalar(world: World, value: float | int, dtype: torch.dtype = torch.float64) -> float:
+    """A Python number summed over the ranks."""
+    return float(world.all_reduce_sum(torch.tensor(value, dtype=dtype)))
+
+
+def init_from_env() -> World:
+    """Under torchrun / `accelerate launch` (WORLD_SIZE > 1 in the environment) initialize the default process
+    group if nothing did yet: NCCL with this process's LOCAL_RANK GPU as its device when CUDA is available, else
+    gloo. Returns `World.current()` (a world of one without a launcher); calling it again changes nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return World.current()
+
+
+def collective_device(device: torch.device | str) -> torch.device:
+    """Where a tensor on `device` must be to join a collective: the current GPU under NCCL, else `device`."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+# -- steps that can fail on some ranks only: fail on every rank, so none waits in a collective ----------------
+
+class RankFailed(RuntimeError):
+    """Another rank failed in a step every rank takes together, so this one stops too."""
+
+
+def on_every_rank(world: World, fn: Callable[[], T]) -> list[T]:
+    """fn() on this rank, then one gather of every rank's outcome: the results in rank order, or, if any rank
+    raised, an exception on every rank (its own on a failed rank, RankFailed naming the first failed one elsewhere).
+    Work that can fail on some ranks only goes inside fn, so no rank waits in a collective a failed one never joins."""
+    try:
+        result, error = fn(), None
+    except Exception as e:
+        result, error = None, e
+    outcomes = world.gather_objects((result, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (_, message) in enumerate(outcomes) if message is not None]
+    if failed:
+        raise RankFailed(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    return [r for r, _ in outcomes]
+
+
+def agree(world: World, step: Callable[[], T]) -> T:
+    """`step()` here; if it raised on any rank, raise on every rank: the failing rank its own exception, the others
+    a UserError with its one-line message (RankFailed naming the rank when it was not a UserError). One gather;
+    a world of one just runs `step`."""
+    if world.size == 1:
+        return step()
+    try:
+        value, error = step(), None
+    except Exception as e:  # re-raised below, after every rank has heard of it
+        value, error = None, e
+    report = None if error is None else (isinstance(error, UserError), (str(error).splitlines() or [""])[0])
+    failed = [(rank, r) for rank, r in enumerate(world.gather_objects(report)) if r is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, (user, message) = failed[0]
+        raise UserError(message) if user else RankFailed(f"rank {rank} failed: {message}")
+    return value

@@ -1,0 +1,376 @@
+"""Calibration driver: run the model one decoder layer at a time, collect each layer's Hessians through
+forward hooks, prune its linears, and feed the *pruned* layer's outputs to the next layer.
+
+The inputs of layer 0 and whatever arguments the model passes each layer (its own mask — sliding or full —,
+position ids, rotary cos/sin per layer type, alibi, ...) are captured from the model's own forward
+(`sparsegpt.prune.capture`), so no per-family driver code is needed and models mixing attention types are replayed
+exactly. Fused MoE experts get one Hessian per expert from the tokens routed to it (`sparsegpt.prune.experts`).
+Only the current layer is moved to `device`. Under a process group every rank takes part: its share of the
+calibration rows, Hessians summed by all-reduce, the layer's groups spread over the ranks and broadcast
+(`sparsegpt.prune.distributed`); a world of one is the single-process pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sparsegpt.core.architectures import (
+    ExpertLinear,
+    compile_filter,
+    decoder_layers,
+    family_of,
+    final_modules,
+    prunable_linears,
+    set_weight_from_linear,
+    weight_as_linear,
+)
+from sparsegpt.core.errors import UserError
+from sparsegpt.core.failpoints import failpoint
+from sparsegpt.core.masks import MaskSet, PackedMasks
+from sparsegpt.core.world import World, agree
+from sparsegpt.prune import allocation
+from sparsegpt.prune.baselines import PRUNERS
+from sparsegpt.prune.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
+from sparsegpt.prune.distributed import RankPass
+from sparsegpt.prune.experts import ExpertHessians
+from sparsegpt.prune.solver import inverse_hessian_factor, prune_group_with_factor, reconstruction_error
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "owl")
+SOLVER_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how; `dtype` is the solver's compute dtype (the model keeps its own)."""
+
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    prune_n: int = 0
+    prune_m: int = 0
+    blocksize: int = 128
+    percdamp: float = 0.01
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    include: str | None = None
+    exclude: str | None = None
+    batch_size: int = 8
+    offload_activations: bool = False
+    shared_hessian: bool = True
+    dtype: str = "float32"
+    prune_router: bool = False          # MoE routers (gates) are left dense unless asked
+    prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
+    min_expert_tokens: int | None = None  # fewer routed tokens: Hessian topped up with the pooled one (None: width)
+
+    def validate(self) -> None:
+        """Raise UserError on the first bad field."""
+        if self.method not in PRUNERS:
+            raise UserError(f"method {self.method!r} is unknown; choose one of {sorted(PRUNERS)}")
+        if self.prune_n or self.prune_m:
+            if not 0 < self.prune_n < self.prune_m:
+                raise UserError(f"N:M needs 0 < N < M, got {self.prune_n}:{self.prune_m} (e.g. 2:4)")
+            if self.allocation != "uniform":
+                raise UserError("N:M sparsity fixes every layer's sparsity; use allocation 'uniform' with it")
+        elif not 0 <= self.sparsity < 1:
+            raise UserError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.allocation not in ALLOCATIONS:
+            raise UserError(f"allocation {self.allocation!r} is unknown; choose one of {list(ALLOCATIONS)}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        compile_filter(self.include, "include")
+        compile_filter(self.exclude, "exclude")
+        if self.dtype not in SOLVER_DTYPES:
+            raise UserError(f"solver dtype {self.dtype!r} is unknown; choose one of {list(SOLVER_DTYPES)}")
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
+            raise UserError(f"min_expert_tokens must be >= 0 (or None for each matrix's input width), "
+                            f"got {self.min_expert_tokens}")
+
+    @property
+    def target(self) -> float:
+        """The overall target sparsity (N/M for N:M)."""
+        return self.prune_n / self.prune_m if self.prune_m else self.sparsity
+
+
+@dataclass
+class PruneResult:
+    """The masks of the pruned linears, per-linear stats ({name, layer, target, sparsity, seconds, error, tokens,
+    expert, pooled_weight, rank}: `rank` solved it), this rank's wall seconds per decoder layer (forwards + solves)
+    and in total, and the world: {size, ranks: per rank {rank, calibration_rows, groups, linears, seconds: {forward,
+    communication, solve, propagate}}}."""
+
+    masks: MaskSet
+    stats: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    layer_seconds: list[float] = field(default_factory=list)
+    world: dict = field(default_factory=dict)
+
+
+class LayerAccess:
+    """How the pruning pass reaches each decoder layer. The default (the whole model in memory) does nothing;
+    a streamed pass (`sparsegpt.prune.streaming`) materializes layer `index` from the checkpoint in `enter` and, in
+    `leave`, writes it out once pruned and frees it. `enter`/`leave` bracket every use of a layer (the OWL
+    statistics pass uses each layer once with pruned=False before the pruning pass)."""
+
+    def enter(self, index: int, layer: nn.Module) -> None:
+        pass
+
+    def leave(self, index: int, layer: nn.Module, *, pruned: bool) -> None:
+        pass
+
+
+def _module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """Where the module's parameters live (`default` for a module without any, e.g. OLMo's LayerNorm)."""
+    param = next(module.parameters(), None)
+    return torch.device(default) if param is None else param.device
+
+
+def _synchronize(device) -> None:
+    """Wait for queued kernels so wall-clock timings are honest on CUDA."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress_disabled() -> bool:
+    return os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
+
+
+def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, ...], ...],
+                  share: bool) -> list[list[str]]:
+    """Group a layer's linears by shared input (family table), each remaining linear alone."""
+    groups, grouped = [], set()
+    for members in shared if share else ():
+        group = [layer_prefix + m for m in members if layer_prefix + m in names]
+        if group:
+            groups.append(group)
+            grouped.update(group)
+    return groups + [[n] for n in names if n not in grouped]
+
+
+def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *, diag_only: bool,
+                min_expert_tokens=None, outputs_to=None) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch]]:
+    """One forward of layer `index` with a pre-hook per input group (per fused experts module for expert
+    matrices); returns per group leader H = 2/N Σ xxᵀ (summed in float64 over all ranks' tokens, returned as
+    float32), or only its diagonal when diag_only, its {tokens, expert, pooled_weight}, and the layer's outputs
+    (this rank's) if outputs_to. float64 sums make H independent of how the tokens are batched or split over ranks
+    (float32 sums differ in their last bits, which SparseGPT's mask choices amplify layer after layer)."""
+    sums, counts, handles = {}, {}, []
+    experts = ExpertHessians({g[0]: linears[g[0]] for g in groups if isinstance(linears[g[0]], ExpertLinear)},
+                             device, diag_only=diag_only)
+    for group in groups:
+        leader = group[0]
+        if isinstance(linears[leader], ExpertLinear):
+            continue
+        cols = weight_as_linear(linears[leader]).shape[1]
+        sums[leader] = torch.zeros((cols,) if diag_only else (cols, cols), dtype=torch.float64, device=device)
+        counts[leader] = 0
+
+        def hook(module, args, leader=leader):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            if diag_only:
+                sums[leader] += x.square().sum(0)
+            else:
+                sums[leader].addmm_(x.t(), x)
+            counts[leader] += x.shape[0]
+
+        handles.append(linears[leader].register_forward_pre_hook(hook))
+    handles += experts.attach()
+    outputs = []
+    try:
+        with run.timing("forward"):
+            for b in batches:
+                out = forward_layer(layer, index, b, device)
+                if outputs_to is not None:
+                    outputs.append(replace(b, hidden=out.to(outputs_to)))
+    finally:
+        for h in handles:
+            h.remove()
+    counts = run.reduce(sums, counts, experts)
+    silent = [k for k in sums if not counts[k]]
+    if silent:
+        raise UserError(f"{', '.join(silent)} never ran in the decoder layer's forward; exclude it (--exclude) "
+                        "or report the architecture")
+    hessians, info = experts.result(min_expert_tokens) if experts.matrices else ({}, {})
+    info.update({k: {"tokens": counts[k], "expert": None, "pooled_weight": 0.0} for k in sums})
+    hessians.update({k: sums.pop(k).mul_(2.0 / counts[k]).float() for k in list(sums)})  # one float64 sum at a time
+    return hessians, info, outputs
+
+
+def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Module | ExpertLinear]]:
+    """Per decoder layer, its prunable matrices (linears, routers if asked, expert slices) by qualified name."""
+    prefix = family_of(model).layers_path
+    all_linears = prunable_linears(model, cfg.include, cfg.exclude, routers=cfg.prune_router,
+                                   shared_experts=cfg.prune_shared_experts)
+    if not all_linears:
+        raise UserError(f"no prunable linears match include={cfg.include!r} exclude={cfg.exclude!r}")
+    per_layer = [{} for _ in decoder_layers(model)]
+    for name, module in all_linears.items():
+        per_layer[int(name[len(prefix) + 1:].split(".")[0])][name] = module
+    return per_layer
+
+
+def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access,
+                   run: RankPass) -> dict[int, float]:
+    """Per-layer sparsity: uniform, or OWL from a dense pass measuring |W|·‖x‖ outliers."""
+    if cfg.allocation == "uniform":
+        return allocation.uniform(list(range(len(per_layer))), cfg.target)
+    family, layers = family_of(model), decoder_layers(model)
+    ratios, floors = {}, {}
+    for i, layer in enumerate(tqdm(layers, desc="owl: outlier ratios", disable=_progress_disabled())):
+        linears = per_layer[i]
+        access.enter(i, layer)
+        dev = device or _module_device(layer)
+        home = _module_device(layer)
+        layer.to(dev)
+        groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs, True)
+        last = i == len(layers) - 1
+        diags, _, outputs = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=True,
+                                        min_expert_tokens=cfg.min_expert_tokens,
+                                        outputs_to=None if last else store_device)
+        if linears:
+            members = [(n, g[0]) for g in groups for n in g]
+            ratios[i] = allocation.outlier_ratio([weight_as_linear(linears[n]) for n, _ in members],
+                                                 [diags[leader].sqrt() for _, leader in members], cfg.owl_m)
+            floors[i] = _base_sparsity(base_masks, linears)
+        calib = outputs
+        layer.to(home)
+        access.leave(i, layer, pruned=False)
+    targets = allocation.owl(ratios, cfg.target, lam=cfg.owl_lambda, floors=floors)
+    log.info("OWL per-layer targets: %s", {i: round(t, 4) for i, t in targets.items()})
+    return targets
+
+
+def _base_sparsity(base_masks: MaskSet | None, linears: dict[str, nn.Module]) -> float:
+    if base_masks is None:
+        return 0.0
+    pruned = sum(base_masks.masks.pruned(n) for n in linears)  # kept counts: nothing unpacked
+    return pruned / sum(math.prod(base_masks.masks.shape(n)) for n in linears)
+
+
+def _check_base_masks(base_masks: MaskSet | None, per_layer: list[dict], model: nn.Module) -> None:
+    if base_masks is None:
+        return
+    base_masks.check_shapes(model)
+    missing = [n for linears in per_layer for n in linears if n not in base_masks.masks]
+    if missing:
+        raise UserError(f"base masks have no entry for {missing[0]} (and {len(missing) - 1} more); "
+                        "prune the same linears (--include/--exclude) in every stage")
+
+
+def _solve_group(group, linears, hessians, info, target, cfg, base_masks, layer_idx, masks, stats) -> None:
+    """Prune the linears that share one Hessian; SparseGPT factors it once and runs one column loop for the group."""
+    dtype, hessian, info = getattr(torch, cfg.dtype), hessians[group[0]], info[group[0]]
+    t0 = time.perf_counter()
+    weights = [weight_as_linear(linears[name]) for name in group]
+    bases = [None if base_masks is None else base_masks.masks[name].to(w.device) for name, w in zip(group, weights)]
+    kw = dict(prune_n=cfg.prune_n, prune_m=cfg.prune_m, blocksize=cfg.blocksize, dtype=dtype)
+    if cfg.method == "sparsegpt":
+        factor = inverse_hessian_factor(hessian, cfg.percdamp, dtype=dtype)
+        results = prune_group_with_factor(weights, factor, target, base_masks=bases, **kw)
+    else:
+        results = [PRUNERS[cfg.method](w, hessian, target, percdamp=cfg.percdamp, base_mask=b, **kw)
+                   for w, b in zip(weights, bases)]
+    seconds = (time.perf_counter() - t0) / len(group)  # the group's solve, shared evenly
+    h64 = hessian.double()  # once per group: the error statistic is float64
+    for name, weight, (pruned, mask) in zip(group, weights, results):
+        error = reconstruction_error(weight, pruned, h64)
+        set_weight_from_linear(linears[name], pruned)
+        masks[name] = mask.cpu()
+        sparsity = mask.float().mean().item()
+        stats.append(dict(name=name, layer=layer_idx, target=target, sparsity=sparsity, seconds=seconds,
+                          error=error, **info))
+        log.info("%s: sparsity %.4f (target %.4f), reconstruction error %.4g, %.2fs",
+                 name, sparsity, target, error, seconds)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_masks: MaskSet | None = None,
+                device: torch.device | str | None = None, access: LayerAccess | None = None,
+                world: World | None = None) -> PruneResult:
+    """Prune the model's decoder linears in place, layer by layer, each calibrated on the pruned
+    predecessors' outputs; `device` None computes each layer where it lives; `access` brackets each use of a
+    layer (default: the model is in memory). Every rank of `world` (default: `World.current()`) must call it
+    with the same model, calibration set and config; each ends with the same weights and result."""
+    access = access or LayerAccess()
+    cfg.validate()
+    run = RankPass(world or World.current())
+    start = time.perf_counter()
+    family, layers = family_of(model), decoder_layers(model)
+    per_layer = _layer_linears(model, cfg)
+    _check_base_masks(base_masks, per_layer, model)
+    was_training = model.training
+    model.eval()
+    try:
+        store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
+        own_ids = run.calibration_share(calib_ids)
+        calib = agree(run.world, lambda: capture_layer_inputs(
+            model, layers, own_ids, batch_size=cfg.batch_size, store_device=store_device) if len(own_ids) else [])
+        targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access, run)
+        masks, stats, layer_seconds = PackedMasks(), [], []  # packed as each linear is pruned: 1 bit a weight
+        bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
+        for i, layer in enumerate(bar):
+            linears = per_layer[i]
+            t0 = time.perf_counter()
+            access.enter(i, layer)
+            dev = device or _module_device(layer)
+            home = _module_device(layer)
+            layer.to(dev)
+            groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
+                                   cfg.shared_hessian)
+            if groups:  # a layer the include/exclude filters left empty is only propagated
+                hessians, info, _ = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
+                                                min_expert_tokens=cfg.min_expert_tokens)
+                run.solve_layer(groups, linears, masks, stats, lambda group, out: _solve_group(
+                    group, linears, hessians, info, targets[i], cfg, base_masks, i, masks, out))
+                del hessians
+            if i < len(layers) - 1:
+                with run.timing("propagate"):
+                    calib = run_layer(layer, i, calib, dev, store_device)
+            release(calib, i)
+            layer.to(home)
+            _synchronize(dev)
+            access.leave(i, layer, pruned=True)
+            layer_seconds.append(time.perf_counter() - t0)
+            log.info("layer %d pruned in %.2fs", i, layer_seconds[-1])
+            failpoint("prune/layer")
+    finally:
+        model.train(was_training)
+    return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start,
+                       layer_seconds=layer_seconds, world=run.record())
+
+
+@torch.no_grad()
+def layerwise_hidden_states(model: nn.Module, input_ids: Tensor, *, device: torch.device | str,
+                            batch_size: int = 8, offload: bool = False) -> list[Tensor]:
+    """Final hidden states (after the final norm), per batch of `batch_size` rows, on CPU — computed one
+    decoder layer at a time on `device`, so models larger than the device can be evaluated."""
+    layers = decoder_layers(model)
+    store_device = "cpu" if offload else device
+    was_training = model.training
+    model.eval()
+    try:
+        batches = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, store_device=store_device)
+        for i, layer in enumerate(tqdm(layers, desc="layerwise forward", disable=_progress_disabled())):
+            home = _module_device(layer)
+            layer.to(device)
+            batches = run_layer(layer, i, batches, device, store_device)
+            release(batches, i)
+            layer.to(home)
+        hidden = [b.hidden for b in batches]
+        for module in final_modules(model):
+            home = _module_device(module, device)
+            module.to(device)
+            hidden = [module(h.to(device)).to(store_device) for h in hidden]
+            module.to(home)
+    finally:
+        model.train(was_training)
+    return [h.cpu() for h in hidden]

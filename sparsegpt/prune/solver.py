@@ -1,0 +1,171 @@
+"""SparseGPT (Frantar & Alistarh 2023): one-shot OBS pruning of one weight matrix. Pure tensor math."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsegpt.core.errors import UserError
+from sparsegpt.prune._select import check_base_budget, check_nm_base, check_prune_args, nm_mask, unstructured_mask
+
+log = logging.getLogger(__name__)
+
+DAMP_RETRIES = 4          # extra Cholesky attempts, each with 10x the damping
+FIRST_RETRY_PERCDAMP = 1e-4  # damping of the first retry when percdamp was 0
+
+
+@dataclass
+class InverseFactor:
+    """Upper Cholesky factor of (H + damp I)^-1, shared by all linears that read the same input."""
+
+    hinv: Tensor  # (cols, cols) upper triangular, float32/float64
+    dead: Tensor  # (cols,) bool, diag(H) == 0
+    damp: float   # damping finally added to the diagonal (after retries)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise UserError(f"solver dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
+def inverse_hessian_factor(hessian: Tensor, percdamp: float = 0.01, *,
+                           dtype: torch.dtype = torch.float32) -> InverseFactor:
+    """Dampen H = sum x x^T by percdamp * mean(diag H) and return the upper Cholesky factor of its inverse."""
+    _check_dtype(dtype)
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise UserError(f"hessian must be square (cols, cols), got shape {tuple(hessian.shape)}")
+    if percdamp < 0:
+        raise UserError(f"percdamp must be >= 0, got {percdamp}")
+    H = hessian.detach().to(dtype=dtype, copy=True)
+    if not torch.isfinite(H).all():
+        raise UserError("hessian has NaN/inf entries; check the calibration activations")
+    diag = H.diagonal()
+    if (diag < 0).any():
+        raise UserError("hessian has negative diagonal entries; expected H = sum x x^T")
+    dead = diag == 0
+    scale = diag[~dead].mean().item() if not dead.all() else 1.0  # dead columns are decoupled: keep them out
+    diag[dead] = 1.0
+    p = percdamp
+    for attempt in range(DAMP_RETRIES + 1):
+        if attempt:
+            p = 10 * p if p > 0 else FIRST_RETRY_PERCDAMP
+        damp = p * scale
+        chol, info = torch.linalg.cholesky_ex(H + damp * torch.eye(len(H), dtype=dtype, device=H.device))
+        if info == 0:
+            hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info == 0 and torch.isfinite(hinv).all():
+                if attempt:
+                    log.warning("hessian not positive definite with percdamp=%g; succeeded with percdamp=%g",
+                                percdamp, p)
+                return InverseFactor(hinv=hinv, dead=dead, damp=damp)
+    raise UserError(f"hessian is not positive definite even with percdamp={p:g}; "
+                    "check the calibration inputs or raise percdamp")
+
+
+def prune_with_factor(weight: Tensor, factor: InverseFactor, sparsity: float, *, prune_n: int = 0,
+                      prune_m: int = 0, blocksize: int = 128, base_mask: Tensor | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Prune weight (out, in) with a precomputed inverse-Hessian factor; return (pruned weight, mask True=pruned).
+
+    For N:M the blocksize is rounded up to a multiple of M so that no group straddles two blocks.
+    """
+    (out, mask), = prune_group_with_factor([weight], factor, sparsity, prune_n=prune_n, prune_m=prune_m,
+                                           blocksize=blocksize, base_masks=[base_mask], dtype=dtype)
+    return out, mask
+
+
+def prune_group_with_factor(weights: list[Tensor], factor: InverseFactor, sparsity: float, *, prune_n: int = 0,
+                            prune_m: int = 0, blocksize: int = 128, base_masks: list[Tensor | None] | None = None,
+                            dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
+    """Prune several weights that read the same input (q/k/v, gate/up) with one factor.
+
+    Each weight gets exactly the mask and values `prune_with_factor` would give it alone (masks are chosen per
+    weight); the OBS updates act row by row, so the weights are stacked and share one column loop — a third of
+    the small-op overhead for q/k/v.
+    """
+    _check_dtype(dtype)
+    base_masks = base_masks or [None] * len(weights)
+    if len(base_masks) != len(weights):
+        raise UserError(f"got {len(base_masks)} base masks for {len(weights)} weights; give one (or None) per weight")
+    cols = weights[0].shape[-1]
+    if factor.hinv.shape != (cols, cols):
+        raise UserError(f"inverse-Hessian factor is {tuple(factor.hinv.shape)}, weight needs ({cols}, {cols})")
+    if blocksize < 1:
+        raise UserError(f"blocksize must be >= 1, got {blocksize}")
+    if prune_m:
+        blocksize = -(-blocksize // prune_m) * prune_m
+    bases, offsets = [], [0]
+    for weight, base_mask in zip(weights, base_masks):
+        base = check_prune_args(weight, sparsity, prune_n, prune_m, base_mask)
+        if weight.shape[-1] != cols:
+            raise UserError(f"weights pruned with one factor need {cols} columns, got shape {tuple(weight.shape)}")
+        if prune_m:
+            check_nm_base(base, prune_n, prune_m)
+        else:
+            rows = weight.shape[0]
+            starts = range(0, cols, blocksize)
+            check_base_budget(base, sum(round(sparsity * rows * (min(s + blocksize, cols) - s)) for s in starts),
+                              sparsity, len(starts))
+        bases.append(base)
+        offsets.append(offsets[-1] + weight.shape[0])
+    bounds = list(zip(offsets[:-1], offsets[1:]))  # each weight's rows in the stacked matrix
+
+    W = torch.cat([w.detach().to(dtype=dtype) for w in weights])
+    hinv = factor.hinv.to(device=W.device, dtype=dtype)
+    dead = factor.dead.to(W.device)
+    W[:, dead] = 0
+    forced = torch.cat(bases) | dead.unsqueeze(0)
+    mask = torch.zeros_like(forced)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, h1 = W[:, i1:i2], hinv[i1:i2, i1:i2]  # W1 is a view: updates land in W
+        d = h1.diagonal()
+        if prune_m:  # chosen group by group inside the column loop, from the weights updated so far (as the paper)
+            mask1 = torch.zeros_like(forced[:, i1:i2])
+        else:  # the whole block at its start; the quota is per weight, as if each were pruned alone
+            score = W1.square() / d.square()
+            mask1 = torch.cat([unstructured_mask(score[r0:r1], sparsity, forced[r0:r1, i1:i2]) for r0, r1 in bounds])
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if prune_m and i % prune_m == 0:
+                g = slice(i, i + prune_m)
+                mask1[:, g] = nm_mask(W1[:, g].square() / d[g].square(), prune_n, prune_m, forced[:, i1:i2][:, g])
+            err = torch.where(mask1[:, i], W1[:, i], 0) / d[i]
+            W1[:, i].masked_fill_(mask1[:, i], 0)
+            W1[:, i + 1:] -= torch.outer(err, h1[i, i + 1:])
+            err1[:, i] = err
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update: only later, unfinished columns
+    W.masked_fill_(mask, 0)
+    results = []
+    for weight, (r0, r1) in zip(weights, bounds):
+        out = W[r0:r1].to(weight.dtype, copy=True)
+        if not torch.isfinite(out).all():
+            raise UserError(f"SparseGPT produced non-finite {weight.dtype} weights (damping {factor.damp:g}); "
+                            "raise percdamp or use a wider weight dtype")
+        results.append((out, mask[r0:r1]))
+    return results
+
+
+def prune_matrix(weight: Tensor, hessian: Tensor, sparsity: float, *, prune_n: int = 0, prune_m: int = 0,
+                 blocksize: int = 128, percdamp: float = 0.01, base_mask: Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """SparseGPT-prune weight (out, in) given H = sum x x^T (in, in); return (pruned weight, mask True=pruned)."""
+    if hessian.shape != (weight.shape[-1],) * 2:
+        raise UserError(f"hessian must be ({weight.shape[-1]}, {weight.shape[-1]}) for a weight of shape "
+                        f"{tuple(weight.shape)}, got {tuple(hessian.shape)}")
+    factor = inverse_hessian_factor(hessian.to(weight.device), percdamp, dtype=dtype)
+    return prune_with_factor(weight, factor, sparsity, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize,
+                             base_mask=base_mask, dtype=dtype)
+
+
+def reconstruction_error(w_old: Tensor, w_new: Tensor, hessian: Tensor) -> float:
+    """Layer-wise squared error on the calibration set: trace((W_old - W_new) H (W_old - W_new)^T), in float64."""
+    if w_old.shape != w_new.shape or hessian.shape != (w_old.shape[-1],) * 2:
+        raise UserError(f"reconstruction_error needs equal weight shapes and a matching square hessian, got "
+                        f"{tuple(w_old.shape)}, {tuple(w_new.shape)}, {tuple(hessian.shape)}")
+    delta = w_old.double() - w_new.to(w_old.device).double()
+    return float(((delta @ hessian.to(delta.device).double()) * delta).sum())
