@@ -117,6 +117,7 @@ def main(out: Path, model_dir: str | None) -> None:
         good = cli.main([*common, "--sparsity", "0.5", "--nsamples", "5", "--out", str(out / "cli")])
         bad = cli.main([*common, "--sparsity", "0.5", "--nsamples", "0", "--out", str(out / "cli-bad")])
         (out / f"cli-rank{world.rank}.json").write_text(json.dumps({"good": good, "bad": bad}))
+    dist.barrier()  # both ranks done before teardown: a rank tearing gloo down under the other aborted it once
     dist.destroy_process_group()
 
 
