@@ -152,7 +152,8 @@ def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
     ckpt = out / f"ckpt-{enforcement}" / f"step-{cfg.steps:08d}" if ddp else None
     report = {"enforcement": enforcement, "optimizer": optimizer, "losses": result.losses, "fixed_before": before,
               "fixed_after": _fixed_batch_loss(engine, fixed), **_state_report(model, masks, ckpt),
-              "held_bytes": RecordingEnforcer.last.held, "mask_sizes": sizes}
+              "held_bytes": RecordingEnforcer.last.held, "mask_sizes": sizes, "safe_fp32_calls": SAFE_CALLS[0]}
+    SAFE_CALLS[0] = 0
     if enforcement == "none":  # the negative control: revived weights, which save_finetuned refuses to save
         accelerator.free_memory()
         return report
@@ -161,9 +162,25 @@ def _run(accelerator: Accelerator, enforcement: str, out: Path) -> dict:
     return report
 
 
+SAFE_CALLS = [0]  # calls of deepspeed.utils.safe_get_local_fp32_param (the enforcer's copying ZeRO-3 accessor)
+
+
+def _count_safe_fp32_calls() -> None:
+    import deepspeed.utils
+
+    original = deepspeed.utils.safe_get_local_fp32_param
+
+    def counted(param):
+        SAFE_CALLS[0] += 1
+        return original(param)
+
+    deepspeed.utils.safe_get_local_fp32_param = counted
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     finetune_module.MaskEnforcer = RecordingEnforcer  # the trainer builds the recording one
+    _count_safe_fp32_calls()
     accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
     out_dir = Path(out)
     reports = [_run(accelerator, enforcement, out_dir) for enforcement in ("none", "hooks", "step", "full")]
