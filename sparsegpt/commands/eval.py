@@ -10,6 +10,7 @@ examples:
   sparsegpt eval --model out/s80 --tasks arc_easy,hellaswag --limit 200 --batch-size 8 --device cuda
   sparsegpt eval --model out/s80 --tasks my_task --include-path my_tasks/ --samples "The capital of France is"
   sparsegpt eval --model out/l70b-s50 --ppl wikitext2 --layerwise --device cuda   # one layer on the GPU at a time
+  torchrun --nproc_per_node 8 -m sparsegpt.cli eval --model out/s80 --ppl wikitext2   # windows split over 8 GPUs
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from sparsegpt.config.hooks import HookContext, validate_hooks
+from sparsegpt.core.world import World, init_from_env, rank_device
 from sparsegpt.evaluate.runners import run_hooks
 from sparsegpt.run.compare import format_value
 from sparsegpt.storage.compact import folder_masks
@@ -56,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", nargs="*", metavar="PROMPT",
                    help="greedy continuations of these prompts (no prompt: a few built-in ones)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="samples: tokens to generate")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to evaluate")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to evaluate (under torchrun, cuda is each rank's own GPU)")
     p.add_argument("--dtype", default="auto", help="model weight dtype: auto, float32, bfloat16, float16")
     p.add_argument("--out", type=Path, metavar="FILE.json", help="write the results here as JSON")
 
@@ -80,13 +84,27 @@ def hooks_from_args(args: argparse.Namespace) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model (and its mask, if saved with one), run the hooks, print and write the results."""
+    """Join the launch's process group (if any: under torchrun the perplexity windows are split over the ranks,
+    each on its own GPU), load the model (and its mask, if saved with one), run the hooks; the main process
+    prints and writes the results."""
+    owned = not dist.is_initialized()
+    world = init_from_env()
+    try:
+        return _run(args, world)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, world: World) -> int:
     hooks = hooks_from_args(args)
     validate_hooks(hooks)
     masks = folder_masks(resolve_model_path(args.model))
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    context = HookContext(name="eval", device=args.device, masks=masks)
-    metrics, _ = run_hooks(model, tokenizer, hooks, context, fail_fast=True)
+    context = HookContext(name="eval", device=rank_device(args.device, world), masks=masks)
+    metrics, _ = run_hooks(model, tokenizer, hooks, context, fail_fast=True, world=world)
+    if not world.is_main:
+        return 0
     for key, value in metrics.items():
         if key == "samples":
             for sample in value:

@@ -25,15 +25,13 @@ import json
 import logging
 from pathlib import Path
 
-from accelerate import Accelerator
-
 from sparsegpt.core.data import check_source, default_seqlen, train_ids
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.heal.checkpoint import save_finetuned
 from sparsegpt.heal.config import FinetuneConfig
 from sparsegpt.heal.distill import KDConfig
-from sparsegpt.heal.dsconfig import cpu_deepspeed_handlers
+from sparsegpt.heal.dsconfig import cpu_deepspeed_handlers, make_accelerator
 from sparsegpt.heal.finetune import finetune
 from sparsegpt.heal.lora import LoraSettings
 from sparsegpt.storage.compact import folder_masks
@@ -98,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     # The Accelerator first: under a ZeRO-3 config with zero3_init_flag (recipes/accelerate/zero3*.yaml) it makes
     # from_pretrained build student and teacher straight into each rank's partition (`zero.loads_sharded`).
-    accelerator = Accelerator(kwargs_handlers=cpu_deepspeed_handlers())
+    accelerator = make_accelerator(kwargs_handlers=cpu_deepspeed_handlers())  # + the collective timeout
     model, tokenizer = load_for_training(args.model, accelerator, dtype=args.dtype)
     teacher = load_for_training(args.kd, accelerator, dtype=args.dtype)[0] if args.kd else None
     saved = folder_masks(resolve_model_path(args.model))

@@ -28,7 +28,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
@@ -36,6 +35,7 @@ from sparsegpt.core.data import calibration_ids, check_source, default_seqlen
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.core.world import World, agree, init_from_env
+from sparsegpt.core.world import rank_device as _device  # --device: under a launch, cuda is this rank's GPU
 from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.prune.streaming import prune_streamed
 from sparsegpt.storage.models import check_model, load_model, load_tokenizer, local_folder, save_model
@@ -115,12 +115,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out} already exists and is not an empty folder; choose a new one")
     if args.base_mask is not None and not args.base_mask.is_file():
         raise UserError(f"--base-mask {args.base_mask} is not a file; pass the mask.safetensors of the earlier stage")
-
-
-def _device(arg: str | None, world: World) -> str:
-    """--device, default cuda if available else cpu; under a multi-process launch, cuda is this rank's GPU."""
-    device = arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    return f"cuda:{torch.cuda.current_device()}" if device == "cuda" and world.size > 1 else device
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, TypeVar
 
 import torch
@@ -19,6 +20,11 @@ from torch import Tensor
 from sparsegpt.core.errors import UserError
 
 T = TypeVar("T")
+
+# How long a collective waits for the slowest rank before the job is killed. NCCL's default is 10 min (gloo's 30)
+# and DeepSpeed's `init_distributed` also defaults to 10 min, while rank 0 alone saves or verifies a 70B model, or
+# prunes the layers it owns, for far longer; every process group this project opens uses this one value.
+COLLECTIVE_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -80,22 +86,25 @@ class World:
             dist.barrier()
 
 
-def sum_scalar(world: World, value: float | int, dtype: torch.dtype = torch.float64) -> float:
-    """A Python number summed over the ranks."""
-    return float(world.all_reduce_sum(torch.tensor(value, dtype=dtype)))
-
-
 def init_from_env() -> World:
     """Under torchrun / `accelerate launch` (WORLD_SIZE > 1 in the environment) initialize the default process
     group if nothing did yet: NCCL with this process's LOCAL_RANK GPU as its device when CUDA is available, else
-    gloo. Returns `World.current()` (a world of one without a launcher); calling it again changes nothing."""
+    gloo; either waits COLLECTIVE_TIMEOUT in a collective. Returns `World.current()` (a world of one without a
+    launcher); calling it again changes nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return World.current()
+
+
+def rank_device(arg: str | None, world: World) -> str:
+    """A command's --device: default cuda if available else cpu; under a multi-process launch, "cuda" is this
+    rank's GPU (`init_from_env` made LOCAL_RANK's GPU current), so no two ranks share cuda:0."""
+    device = arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    return f"cuda:{torch.cuda.current_device()}" if device == "cuda" and world.size > 1 else device
 
 
 def collective_device(device: torch.device | str) -> torch.device:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
 from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
@@ -41,3 +42,17 @@ def whole_models(accelerator: Accelerator) -> Iterator[None]:
     finally:
         if registered:
             plugin.set_deepspeed_weakref()
+
+
+@contextlib.contextmanager
+def torch_linear_kept() -> Iterator[None]:
+    """torch.nn.functional.linear as it was on entry, restored on exit (usable as a decorator). Entering
+    deepspeed.zero.Init with memory_efficient_linear (its default) replaces it process-wide with
+    `zero3_linear_wrap` and never restores it (deepspeed/runtime/zero/partition_parameters.py: "This will persist
+    unless manually reset"); that wrapper adds the bias after the matmul, so every later prune and evaluation of a
+    biased model (OPT, Qwen2's qkv) in this process would differ in the last bits from a fresh process's."""
+    linear = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear

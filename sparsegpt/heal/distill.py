@@ -206,7 +206,19 @@ def prepare_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
     teacher.eval()
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        # accelerate autocasts only prepared models, and ZeRO-1/2 casts only the student engine's weights: an fp32
+        # teacher would run in fp32 beside a bf16 student (2x its memory, slower). bf16: the weights in bf16 (HF
+        # norms and softmax upcast inside); fp16: fp32 weights under autocast, as the student's DDP forward runs.
+        if accelerator.mixed_precision == "bf16":
+            return teacher.to(device=accelerator.device, dtype=torch.bfloat16)
+        if accelerator.mixed_precision == "fp16":
+            teacher.forward = accelerator.autocast()(teacher.forward)
         return teacher.to(accelerator.device)
+    misplaced = [(n, p.device) for n, p in teacher.named_parameters()
+                 if hasattr(p, "ds_id") and p.device != accelerator.device]
+    if misplaced:  # a gather would then copy each weight off the GPU (the multi-GPU crash of issue 24)
+        raise RuntimeError(f"ZeRO-3 teacher parameter {misplaced[0][0]} is on {misplaced[0][1]}, not "
+                           f"{accelerator.device}: load it with models.load_for_training")
     import deepspeed
 
     config = teacher_ds_config(plugin.deepspeed_config, _text_config(teacher).hidden_size)

@@ -15,6 +15,7 @@ from torch import nn
 from sparsegpt.config.recipe import Recipe
 from sparsegpt.core.architectures import decoder_layers
 from sparsegpt.core.errors import UserError
+from sparsegpt.core.world import COLLECTIVE_TIMEOUT
 from sparsegpt.heal.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -70,16 +71,26 @@ def deepspeed_plugin(zero_stage: int, offload_optimizer: bool = False, offload_p
 
 
 def cpu_deepspeed_handlers(deepspeed: bool | None = None,
-                           timeout: timedelta | None = None) -> list[InitProcessGroupKwargs]:
-    """Accelerator kwargs_handlers: the gloo backend for DeepSpeed on a machine without CUDA (without it accelerate
-    counts every rank as process 0 of 1), and a collective `timeout` if given.
-    `deepspeed` None = as `accelerate launch` said (ACCELERATE_USE_DEEPSPEED)."""
+                           timeout: timedelta = COLLECTIVE_TIMEOUT) -> list[InitProcessGroupKwargs]:
+    """Accelerator kwargs_handlers: the collective `timeout` (accelerate otherwise leaves NCCL and DeepSpeed at their
+    10-minute defaults, shorter than rank 0 alone saving or verifying a large model while the others wait) and
+    the gloo backend for DeepSpeed on a machine without CUDA (without it accelerate counts every rank as process 0
+    of 1). `deepspeed` None = as `accelerate launch` said (ACCELERATE_USE_DEEPSPEED)."""
     if deepspeed is None:
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     backend = "gloo" if deepspeed and not torch.cuda.is_available() else None
-    if backend is None and timeout is None:
-        return []
     return [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
+
+
+def make_accelerator(**kwargs: Any) -> Accelerator:
+    """`Accelerator(**kwargs)` that leaves the process's TF32 matmul setting as it was: with a dynamo backend and
+    mixed_precision "no" on CUDA, accelerate switches TF32 on process-wide (accelerate/state.py), which would
+    change the fp32 solver products, calibration forwards and perplexity of every later prune and eval here."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        return Accelerator(**kwargs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def zero3_limits(model: nn.Module) -> dict[str, int]:

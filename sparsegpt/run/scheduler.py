@@ -26,7 +26,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +41,7 @@ from sparsegpt.core.data import calibration_ids, default_seqlen, train_ids
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.core.precision import resolve_mixed_precision
-from sparsegpt.core.zero import whole_models
+from sparsegpt.core.zero import torch_linear_kept, whole_models
 from sparsegpt.evaluate.runners import evaluate_hooks
 from sparsegpt.heal.checkpoint import save_finetuned
 from sparsegpt.heal.config import FinetuneConfig
@@ -50,6 +49,7 @@ from sparsegpt.heal.distill import KDConfig
 from sparsegpt.heal.dsconfig import (
     cpu_deepspeed_handlers,
     deepspeed_plugin_from_config,
+    make_accelerator,
     recipe_deepspeed_config,
 )
 from sparsegpt.heal.finetune import finetune
@@ -137,6 +137,8 @@ class Scheduler:
                 t0 = time.time()
                 if spec.ranks == "all" or self.is_main:
                     spec.run(self, stage)
+                else:  # COMPLETE's release, on the ranks that skip it: carry no model into the next stage
+                    self._release()
                 self.acc.wait_for_everyone()
                 if self.is_main:
                     self._mark(stage, spec.phase, time.time() - t0)
@@ -148,6 +150,7 @@ class Scheduler:
         """One-shot prune of the previous stage's model to this stage's target (target 0: keep it as is). Every
         rank holds the model and calibrates its share of the set (`sequential.prune_model` over World.current());
         all end with the same weights; the main process writes the folder."""
+        self._release()  # the previous stage's model must not sit beside this one through the pass
         base = folder_masks(self._input_dir(stage)) if stage.index > 0 else None
         report: dict = {"world_size": self.acc.num_processes}
         out = self._dir(stage) / "pruned"
@@ -202,6 +205,8 @@ class Scheduler:
                               run_dir=str(self.rd.root), device=str(self.acc.device), masks=masks)
         with whole_models(self.acc):  # generate() on the main process alone must not sync with the other ranks
             results = evaluate_hooks(model, tok, stage.eval.hooks, context, fail_fast=stage.eval.fail_on_error)
+        model = None  # no later phase reuses an evaluated model (fine-tuning and the next prune load their own)
+        self._release()
         if not self.is_main:
             return
         before = self.state.stages[stage.index].seconds.get(EVAL_OF[phase][1], 0.0)
@@ -216,6 +221,7 @@ class Scheduler:
             self.acc.log(flatten_for_trackers(record), step=2 * stage.index + (phase == "finetuned"))
         log.info("stage %s %s: sparsity %.4f %s", stage.name, phase, record["sparsity"], _short(results.metrics))
 
+    @torch_linear_kept()  # zero.Init leaves F.linear patched: later prunes and evaluations must not see it
     def finetune(self, stage: ResolvedStage) -> None:
         """Every rank: fine-tune the pruned model with its mask held; the main process saves stages/NN-NAME/model."""
         self._release()
@@ -293,6 +299,8 @@ class Scheduler:
         if self._live is not None:
             self._live = None
             gc.collect()
+            if torch.cuda.is_available():  # evaluation placed it on the GPU: hand that memory back too
+                torch.cuda.empty_cache()
 
     def _load(self, path: str | Path, *, sharded: bool = False) -> tuple[torch.nn.Module, object]:
         """The model in `path`: whole on CPU, or (`sharded`: for fine-tuning) as `models.load_for_training` puts
@@ -354,9 +362,8 @@ def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     dist = recipe.distributed
     ds = recipe_deepspeed_config(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     plugin = deepspeed_plugin_from_config(ds, zero3_init=dist.zero_stage == 3) if ds is not None else None
-    # Pruning a large model on rank 0 can take far longer than the default 30 min collective timeout.
-    kwargs = cpu_deepspeed_handlers(deepspeed=plugin is not None, timeout=timedelta(hours=12))
-    return Accelerator(mixed_precision=dist.mixed_precision, deepspeed_plugin=plugin,
+    kwargs = cpu_deepspeed_handlers(deepspeed=plugin is not None)  # + world.COLLECTIVE_TIMEOUT (NCCL's is 10 min)
+    return make_accelerator(mixed_precision=dist.mixed_precision, deepspeed_plugin=plugin,
                        gradient_accumulation_steps=dist.grad_accum, kwargs_handlers=kwargs,
                        log_with=list(recipe.trackers) or None, project_dir=str(run_dir / "trackers"))
 

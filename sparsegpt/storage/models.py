@@ -152,7 +152,9 @@ def load_for_training(name_or_path: str | os.PathLike, accelerator: Accelerator,
     sharded = loads_sharded(accelerator)
     if sharded and not compact.is_compact(path):
         logger.info("loading %s into ZeRO-3 partitions", path)
-        return load_model(path, dtype=dtype)
+        # on this rank's device: `.to(device)` moves only the 0-element placeholders and the buffers (the shards
+        # stay where zero.Init put them); left on the CPU, a gather on > 1 GPU copies each weight to the CPU
+        return load_model(path, dtype=dtype, device=accelerator.device)
     if sharded:
         logger.warning("%s is a compact folder: decoded whole on every rank, then sharded by prepare", path)
     with whole_models(accelerator):
