@@ -89,6 +89,28 @@ def test_checkpointing_kd_and_lora_change_what_they_should():
     assert lora["weights"] == base["weights"]
 
 
+def test_masks_teacher_and_evaluation_follow_the_gpu_paths():
+    """Issue 24: masks are packed bits (plus one unpacked keep of the largest matrix) where every rank holds the
+    weights; a KD teacher beside a bf16 DDP student is bf16; evaluation loads straight onto the device."""
+    config = OPTConfig()
+    masked = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+    kd = {"steps": 2, "seqlen": 32, "kd": {"teacher": "dense"}}
+    ddp = estimate(config, recipe(finetune=kd), 8)
+    assert ddp["finetune"]["masks"] * GIB == pytest.approx(masked / 8 + 768 * 3072 * 4)  # was 4 B per weight
+    assert ddp["finetune"]["teacher"] * GIB == pytest.approx(ddp["params"] * 4)
+    bf16 = estimate(config, recipe(finetune=kd, distributed={"mixed_precision": "bf16"}), 8)["finetune"]
+    assert bf16["teacher"] * GIB == pytest.approx(ddp["params"] * 2)
+    zero2 = estimate(config, recipe(distributed={"zero_stage": 2, "offload_optimizer": True,
+                                                 "mixed_precision": "bf16"}), 8)["finetune"]
+    assert zero2["masks"] * GIB == pytest.approx(masked / 8 + 768 * 3072 * 2)
+    assert zero2["cpu_masks_fragment"] * GIB == pytest.approx(masked / 8 / 8)
+    whole = ddp["evaluate"]
+    assert whole["weights"] * GIB == ddp["params"] * 4 and whole["cpu"] == 0  # no host copy per rank
+    hooks = {"hooks": [{"type": "perplexity", "source": "stdlib-docs", "layerwise": True}]}
+    layerwise = estimate(config, recipe(stages=[{"name": "a", "target": 0.5, "eval": hooks}]), 8)["evaluate"]
+    assert layerwise["cpu_model"] * GIB == ddp["params"] * 4 and layerwise["weights"] < whole["weights"] / 2
+
+
 def test_peak_stage_and_one_shot_recipes():
     e = estimate(TINY, recipe(stages=[{"name": "a", "target": 0.5, "finetune": {"steps": 1}},
                                       {"name": "b", "target": 0.6, "prune": {"nsamples": 64},

@@ -37,7 +37,7 @@ def block(path: Path) -> tuple[list[str], dict]:
     world = int(re.search(r"--num_processes (\d+)", text).group(1))
     gpus, gpu_gb, host_gb = (int(x) for x in HARDWARE.search(text).groups())
     e = estimate(AutoConfig.for_model(**CONFIGS[recipe.model]), recipe, world)
-    steps = [s for s in (e["prune"], e["finetune"]) if s is not None]
+    steps = [s for s in (e["prune"], e["finetune"], e["evaluate"]) if s is not None]
     device, cpu = max(s["device"] for s in steps), max(s["cpu"] for s in steps)
     ranks_per_node = min(world, gpus)
     host_gib = host_gb * 1e9 / GIB

@@ -23,13 +23,19 @@ dtype's bytes, c the compute dtype's (2 under bf16/fp16, else b), W the world:
     limit (two decoder layers, `dsconfig.zero3_limits`) plus the largest other parameter (the embedding)
     and its full gradient; offload_optimizer moves master + Adam + temporaries to the CPU, offload_params the
     weight shards;
-    masks: a keep multiplier in the weight dtype per masked weight where a rank holds the weight whole; under
-    ZeRO-3 only this rank's bits (1 bit / W) plus one unpacked keep of the largest matrix; plus the packed MaskSet
+    masks: packed bits, 1 bit per masked weight where a rank holds the weight whole (DDP, ZeRO-1/2), this rank's
+    share (1 bit / W) under ZeRO-3, plus one unpacked keep of the largest matrix in its dtype (one parameter at
+    a time); ZeRO-1/2 with offload_optimizer adds this rank's fragment's bits on the CPU; plus the packed MaskSet
     on the CPU of every rank;
     activations (Korthikanti et al. 2022; SDPA keeps no s² scores): 34·s·b·h bytes per layer at 2 bytes a value,
     with gradient checkpointing each layer's input s·b·h values plus one layer in full; logits s·b·V fp32 × 2;
-    KD: the teacher's weights (in the model dtype; under ZeRO-3 split and in the compute dtype, plus its gathered
-    layers) and its logits.
+    KD: the teacher's weights (bf16 beside a bf16 student, else the model dtype; under ZeRO-3 split and in the
+    compute dtype, plus its gathered layers) and its logits.
+Evaluation, per rank (perplexity splits the windows; lm-eval and samples run on rank 0): the whole model loaded
+straight onto the device, tensor by tensor (no host copy), or with `layerwise` loaded on the CPU and run one
+decoder layer at a time on the device; and a batch's float32 logits twice (the logits and their log-softmax).
+The previous stage's model is released before each prune and after each evaluation on every rank, so no
+estimate holds two models.
 Not modelled: the allocator's slack. On CPU, glibc's default (dynamic) mmap threshold keeps freed buffers in its
 heap; measured ZeRO-3 ranks then peak ~30 % above these numbers; MALLOC_MMAP_THRESHOLD_=131072 gives it back.
 """
@@ -158,17 +164,19 @@ def _finetune_step(facts: _Facts, stage: ResolvedStage, recipe: Recipe, world_si
                "optimizer": 8 * Pt / shards, "master": 4 * Pt / shards, "step": 8 * tile}
     embedding = facts.vocab * facts.hidden
     dev["gathered"] = (2 * facts.layer_params + 2 * embedding) * compute if zero3 else 0
-    dev["masks"] = (masked / 8 / world_size + largest * compute) if zero3 else masked * (compute if d.zero_stage
-                                                                                          else b)
+    dev["masks"] = (masked / 8 / weight_shards + largest * (compute if d.zero_stage else b)) if masked else 0
     s, mb, h = f.seqlen or facts.default_seqlen, d.micro_batch_size, facts.hidden
     full_layer = 34 * s * mb * h * compute / 2
     dev["activations"] = (facts.layers * s * mb * h * compute + full_layer if f.gradient_checkpointing
                           else facts.layers * full_layer)
     kd = f.kd is not None
     dev["logits"] = s * mb * facts.vocab * (8 + (compute if kd else 0))
-    dev["teacher"] = (P * compute / weight_shards + (facts.layer_params + embedding) * compute if zero3 else P * b
-                      ) if kd else 0
+    teacher_bytes = 2 if d.mixed_precision in ("bf16", "auto") else b  # prepare_teacher: bf16 beside bf16
+    dev["teacher"] = (P * compute / weight_shards + (facts.layer_params + embedding) * compute if zero3
+                      else P * teacher_bytes) if kd else 0
     cpu = {"masks_packed": masked / 8}
+    if d.offload_optimizer and d.zero_stage in (1, 2):  # the fp32 fragment's bits beside it
+        cpu["masks_fragment"] = masked / 8 / shards
     if d.offload_optimizer:
         for key in ("optimizer", "master", "step"):
             cpu[f"offloaded_{key}"], dev[key] = dev[key], 0
@@ -176,6 +184,22 @@ def _finetune_step(facts: _Facts, stage: ResolvedStage, recipe: Recipe, world_si
         cpu["offloaded_weights"], dev["weights"] = dev["weights"], 0
         cpu["offloaded_teacher"], dev["teacher"] = dev["teacher"], 0
     return _gib(stage.name, dev, cpu)
+
+
+def _eval_step(facts: _Facts, stage: ResolvedStage) -> dict | None:
+    """A stage's evaluation on one rank: the model whole on the device (or, all perplexity hooks layerwise and
+    nothing else needing the model, one layer there and the model on the host), a batch of float32 logits twice."""
+    hooks = [h for h in stage.eval.hooks if h["type"] in ("perplexity", "lm_eval", "samples")]
+    if not hooks or not stage.eval.phases:
+        return None
+    b = facts.dtype_bytes
+    layerwise = all(h["type"] == "perplexity" and h.get("layerwise") for h in hooks)
+    batch = max(h.get("batch_size") or 4 for h in hooks)
+    seqlen = max(h.get("seqlen") or facts.default_seqlen for h in hooks)
+    device = {"weights": (facts.layer_params + facts.vocab * facts.hidden) * b if layerwise else facts.params * b,
+              "activations": (2 * batch * seqlen * facts.hidden * 4) if layerwise else 0,
+              "logits": 2 * batch * seqlen * facts.vocab * 4}
+    return _gib(stage.name, device, {"model": facts.params * b if layerwise else 0})
 
 
 def _gib(stage: str, device: dict[str, float], cpu: dict[str, float]) -> dict:
@@ -194,10 +218,12 @@ def estimate(config, recipe: Recipe, world_size: int = 1) -> dict:
     stages = recipe.resolved_stages()
     prune = [_prune_step(facts, s, world_size) for s in stages if s.sparsity > 0 or s.prune_n]
     finetune = [_finetune_step(facts, s, recipe, world_size) for s in stages if s.finetune is not None]
+    evaluate = [e for e in (_eval_step(facts, s) for s in stages) if e is not None]
     return {"model_type": facts.model_type, "params": facts.params, "layers": facts.layers,
             "layer_params": facts.layer_params, "default_seqlen": facts.default_seqlen, "world_size": world_size,
             "prune": max(prune, key=lambda e: e["device"]) if prune else None,
-            "finetune": max(finetune, key=lambda e: e["device"]) if finetune else None}
+            "finetune": max(finetune, key=lambda e: e["device"]) if finetune else None,
+            "evaluate": max(evaluate, key=lambda e: e["device"]) if evaluate else None}
 
 
 def _stage_row(stage: ResolvedStage, recipe: Recipe, estimates: dict) -> list[str]:
@@ -233,7 +259,7 @@ def format_plan(recipe: Recipe, estimates: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines += ["", f"{'memory per process, GiB (rough)':<39}{'device':>10}{'CPU':>10}"]
-    for step in ("prune", "finetune"):
+    for step in ("prune", "finetune", "evaluate"):
         e = estimates[step]
         if e is None:
             lines.append(f"{step:<9} (no stage does it)")
@@ -258,7 +284,7 @@ def plan_for(recipe: Recipe, world_size: int = 1) -> str:
 def header_lines(estimates: dict) -> list[str]:
     """The `# Memory` lines of a shipped recipe's header (tests/test_memory.py checks each header states them)."""
     lines = [f"# Memory (sparsegpt.run.memory, world size {estimates['world_size']}), GiB per process:"]
-    for step in ("prune", "finetune"):
+    for step in ("prune", "finetune", "evaluate"):
         e = estimates[step]
         if e is None:
             continue

@@ -195,7 +195,8 @@ class Scheduler:
         split over the ranks (`evaluation.evaluate_hooks`); the main process appends the record."""
         folder = self._dir(stage) / ("pruned" if phase == "pruned" else "model")
         if self.is_main or any(HOOKS[h["type"]].ranks == "all" for h in stage.eval.hooks):
-            model, tok, masks = self._model_at(folder)
+            layerwise = any(h.get("layerwise") for h in stage.eval.hooks)  # wants the model on the host
+            model, tok, masks = self._model_at(folder, "cpu" if layerwise else self.acc.device)
         else:  # only the main process runs this stage's hooks: the others need no copy of the model
             model = tok = masks = None
         if phase == "finetuned" and self.is_main:
@@ -287,11 +288,12 @@ class Scheduler:
         self.state.mark(stage.index, stage.name, phase, seconds)
         self.rd.save_state(self.state)
 
-    def _model_at(self, folder: Path) -> tuple[torch.nn.Module, object, MaskSet]:
-        """The model saved in `folder` with its mask: the one the last phase left in memory, or loaded."""
+    def _model_at(self, folder: Path, device) -> tuple[torch.nn.Module, object, MaskSet]:
+        """The model saved in `folder` with its mask: the one the last phase left in memory, or loaded (onto
+        `device` directly: no whole host copy per rank)."""
         if self._live is None or self._live[0] != folder:
             self._release()
-            model, tok = self._load(folder)
+            model, tok = self._load(folder, device=device)
             self._live = (folder, model, tok, folder_masks(folder))
         return self._live[1:]
 
@@ -302,13 +304,13 @@ class Scheduler:
             if torch.cuda.is_available():  # evaluation placed it on the GPU: hand that memory back too
                 torch.cuda.empty_cache()
 
-    def _load(self, path: str | Path, *, sharded: bool = False) -> tuple[torch.nn.Module, object]:
+    def _load(self, path: str | Path, *, sharded: bool = False, device="cpu") -> tuple[torch.nn.Module, object]:
         """The model in `path`: whole on CPU, or (`sharded`: for fine-tuning) as `models.load_for_training` puts
         it, straight into this rank's ZeRO-3 partition where the plugin allows."""
         if sharded:
             return load_for_training(path, self.acc, dtype=self.recipe.dtype)
         with whole_models(self.acc):
-            return load_model(str(path), dtype=self.recipe.dtype)
+            return load_model(str(path), dtype=self.recipe.dtype, device=device)
 
 
 def _prune_shares(folder: Path) -> dict:

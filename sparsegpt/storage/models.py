@@ -96,8 +96,12 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: 
                                  "ZeRO-3 init (zero.whole_models) and let prepare shard it")
             model, tokenizer = compact.load_compact(path, dtype=dtype)
         else:
+            # straight onto an accelerator, tensor by tensor: no whole host copy (each of 8 ranks evaluating a
+            # 13B model held 24 GB of host memory otherwise); zero.Init places partitions itself
+            direct = torch.device(device).type != "cpu" and not is_deepspeed_zero3_enabled()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, "auto"),
-                                                         use_safetensors=True, trust_remote_code=trust_remote_code)
+                                                         use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                         **({"device_map": {"": device}} if direct else {}))
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         if Path(path).is_dir():
