@@ -44,9 +44,9 @@ def release(recipe: str, run_dir: str, out: str) -> None:
 
     load = scheduler.Scheduler._load
 
-    def recording_load(self, path, *, sharded=False):
-        model, tok = load(self, path, sharded=sharded)
-        if not sharded:
+    def recording_load(self, path, **kwargs):
+        model, tok = load(self, path, **kwargs)
+        if not kwargs.get("sharded"):
             LIVE.add(model)
         return model, tok
 
