@@ -26,7 +26,8 @@
 # $OUT/gpu_check.txt (everything), $OUT/summary.txt (one line per step and check: read this first), the recipe
 # and the run's metrics.jsonl. A failed or timed-out step is reported and the script goes on; the exit status
 # is non-zero if any step failed.
-# Not yet run on a GPU. Checked off-GPU (2026-12-06): bash -n clean; GPU_CHECK_DRY_ONLY=1 passes (test_gpu_review).
+# Not yet run on a GPU. Checked off-GPU (2026-12-06): bash -n clean; GPU_CHECK_DRY_ONLY=1 passes (test_gpu_review);
+# bench/gpu/issue24.py plain and zero3 (under zero3_offload.yaml, DS_ACCELERATOR=cpu) pass with --rehearse on CPU.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -152,9 +153,9 @@ STEP_LOG=$WORK/issue24.txt step "issue24 zero3 offload x1 (1 5)" 55 \
 grep '^CHECK' "$WORK/issue24.txt" 2>/dev/null | sed 's/^/  /' >>"$SUMMARY" || summary "  (no CHECK lines)"
 
 # --- (iii) the CLI tools under torchrun (one process: the NCCL group, rank-local device) --------------------------------
-step "eval under torchrun x1" 30 torchrun --nproc_per_node 1 -m sparsegpt.cli eval --model "$MODEL_PATH" \
+step "eval under torchrun x1" 30 python -m torch.distributed.run --nproc_per_node 1 -m sparsegpt.cli eval --model "$MODEL_PATH" \
     --ppl stdlib-docs --seqlen 128 --max-windows 8 --out "$WORK/eval.json"
-step "prune under torchrun x1" 50 torchrun --nproc_per_node 1 -m sparsegpt.cli prune --model "$MODEL_PATH" \
+step "prune under torchrun x1" 50 python -m torch.distributed.run --nproc_per_node 1 -m sparsegpt.cli prune --model "$MODEL_PATH" \
     --sparsity 0.5 --calib stdlib-docs --nsamples 8 --seqlen 128 --out "$WORK/pruned"
 
 # --- (iv) CUDA tests and the 2:4 kernels -----------------------------------------------------------------------------------

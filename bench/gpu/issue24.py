@@ -4,6 +4,8 @@
     accelerate launch --config_file recipes/accelerate/zero3_offload.yaml --num_processes 1 --mixed_precision bf16 \
         bench/gpu/issue24.py zero3               # ZeRO-3 with CPU offload on one GPU: checks 1, 5
 
+`--rehearse` (either mode) runs the same code on the CPU, expecting "cpu" where a GPU run expects "cuda" (8e and
+the CUDA copy count are skipped): how the script was checked before any GPU was lent.
 Prints one `CHECK <finding> <ok|FAIL|OPEN|INFO> <what>` line per check (gpu_check.sh copies them into its
 summary) and exits non-zero if any is FAIL. OPEN: a confirmed finding owned elsewhere, reported, not failed.
 Tiny random Llamas only: the whole script runs in well under a minute on an H100.
@@ -21,6 +23,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 FAILED: list[str] = []
+REHEARSE = "--rehearse" in sys.argv
+DEVICE = "cpu" if REHEARSE else "cuda"
+
+
+def sync() -> None:
+    if not REHEARSE:
+        torch.cuda.synchronize()
 
 
 def check(finding: str, ok: bool | None, what: str) -> None:
@@ -81,14 +90,14 @@ def plain() -> None:
     accelerator = make_accelerator(mixed_precision="bf16")
     teacher = prepare_teacher(tiny_llama(1), accelerator)
     kinds = {(p.dtype, p.device.type) for p in teacher.parameters()}
-    check("6", kinds == {(torch.bfloat16, "cuda")}, f"teacher parameters after prepare_teacher: {sorted(kinds)}")
+    check("6", kinds == {(torch.bfloat16, DEVICE)}, f"teacher parameters after prepare_teacher: {sorted(kinds)}")
 
     # (7) masks on the GPU: packed bits, <= 1 bit per masked weight (was 4 B fp32 / 2 B bf16 per weight)
-    model = tiny_llama(0).cuda()
+    model = tiny_llama(0).to(DEVICE)
     masks: MaskSet = pruned(model)
     handles = masks.grad_hooks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, 512, (2, 64), device="cuda")
+    ids = torch.randint(0, 512, (2, 64), device=DEVICE)
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     enforcer = MaskEnforcer(model, masks, optimizer)
@@ -102,6 +111,8 @@ def plain() -> None:
         handle.remove()
 
     # (8e) N:M selection syncs with the host once per group (prune/_select.py: owned by another change)
+    if REHEARSE:
+        return
     from sparsegpt.prune._select import nm_mask
 
     score = torch.rand(256, 1024, device="cuda")
@@ -121,6 +132,7 @@ def plain() -> None:
 def zero3() -> None:
     from accelerate import Accelerator
 
+    from sparsegpt.core.zero import whole_models
     from sparsegpt.heal import finetune as finetune_module
     from sparsegpt.heal.config import FinetuneConfig
     from sparsegpt.heal.distill import prepare_teacher
@@ -137,8 +149,9 @@ def zero3() -> None:
     # gather then copied every weight to the CPU and the first op failed with a device mismatch)
     teacher, _ = load_for_training(tmp / "student", accelerator, dtype="float32")
     devices = {p.device.type for p in teacher.parameters()} | {b.device.type for b in teacher.buffers()}
-    check("1", devices == {"cuda"}, f"ZeRO-3-loaded parameters and buffers on {sorted(devices)} before any forward")
-    whole, _ = load_model(tmp / "student", dtype="float32")
+    check("1", devices == {DEVICE}, f"ZeRO-3-loaded parameters and buffers on {sorted(devices)} before any forward")
+    with whole_models(accelerator):  # the reference: a whole model, not built under zero.Init
+        whole, _ = load_model(tmp / "student", dtype="float32")
     ids = torch.randint(0, 512, (2, 32))
     engine = prepare_teacher(teacher, accelerator)
     with torch.no_grad():
@@ -155,11 +168,12 @@ def zero3() -> None:
         def __call__(self) -> None:
             from torch.profiler import ProfilerActivity, profile
 
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sync()
+            activities = [ProfilerActivity.CPU] + ([] if REHEARSE else [ProfilerActivity.CUDA])
+            with profile(activities=activities) as prof:
                 t0 = time.perf_counter()
                 super().__call__()
-                torch.cuda.synchronize()
+                sync()
                 timings.append(time.perf_counter() - t0)
             copies.append(sum(e.count for e in prof.key_averages() if "Memcpy HtoD" in e.key or "Memcpy DtoH" in e.key))
 
@@ -174,7 +188,7 @@ def zero3() -> None:
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu/issue24.py needs CUDA")
+    if not torch.cuda.is_available() and not REHEARSE:
+        sys.exit("bench/gpu/issue24.py needs CUDA (or --rehearse)")
     {"plain": plain, "zero3": zero3}[sys.argv[1]]()
     sys.exit(1 if FAILED else 0)

@@ -100,8 +100,10 @@ def _run(args: argparse.Namespace, world: World) -> int:
     hooks = hooks_from_args(args)
     validate_hooks(hooks)
     masks = folder_masks(resolve_model_path(args.model))
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    context = HookContext(name="eval", device=rank_device(args.device, world), masks=masks)
+    device = rank_device(args.device, world)
+    # straight onto the device (no whole host copy per rank), except for layerwise perplexity, which streams layers
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu" if args.layerwise else device)
+    context = HookContext(name="eval", device=device, masks=masks)
     metrics, _ = run_hooks(model, tokenizer, hooks, context, fail_fast=True, world=world)
     if not world.is_main:
         return 0
