@@ -136,6 +136,19 @@ def test_teacher_runs_in_bf16_beside_a_bf16_student(fresh_accelerate_state):
     assert (got - reference).abs().max() < 0.05 * reference.abs().max()  # bf16 rounding, not another model
 
 
+def test_teacher_autocasts_in_fp16_beside_an_fp16_student(fresh_accelerate_state):
+    """fp16: the weights stay fp32 (fp16 weights would overflow where fp32 masters are what the student trains)
+    and the forward runs under torch's autocast (accelerate's autocast is a no-op under DeepSpeed)."""
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=96)).float()
+    prepared = prepare_teacher(teacher, accelerator)
+    assert {p.dtype for p in prepared.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert prepared(torch.randint(0, 96, (1, 8))).logits.dtype == torch.float16
+
+
 # -- (7) masks at 1 bit per weight where every rank holds the weight ---------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

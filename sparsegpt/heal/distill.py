@@ -211,8 +211,8 @@ def prepare_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
         # norms and softmax upcast inside); fp16: fp32 weights under autocast, as the student's DDP forward runs.
         if accelerator.mixed_precision == "bf16":
             return teacher.to(device=accelerator.device, dtype=torch.bfloat16)
-        if accelerator.mixed_precision == "fp16":
-            teacher.forward = accelerator.autocast()(teacher.forward)
+        if accelerator.mixed_precision == "fp16":  # torch's autocast: accelerate's is a no-op under DeepSpeed
+            teacher.forward = torch.autocast(accelerator.device.type, dtype=torch.float16)(teacher.forward)
         return teacher.to(accelerator.device)
     misplaced = [(n, p.device) for n, p in teacher.named_parameters()
                  if hasattr(p, "ds_id") and p.device != accelerator.device]
