@@ -445,6 +445,7 @@ def test_full_disk_is_one_line_and_resumes_once_freed(reference, tmpfs, tmp_path
     assert rc == 2, out[-3000:]
     (line,) = errors(out)
     assert "no space left on the device of" in line and "needed" in line and "free" in line, line
+    print(line)
     assert "Traceback" not in out
     leftovers = [p for p in run_dir.rglob("*") if ".tmp-" in p.name or (p.name.startswith("step-")
                                                                           and not (p / "manifest.json").exists())]
@@ -456,6 +457,7 @@ def test_full_disk_is_one_line_and_resumes_once_freed(reference, tmpfs, tmp_path
     assert records(run_dir) == expected
     assert all(name in listing(run_dir) for name in before if "/ckpt/" not in name and "/pruned/" not in name)
 
+    shutil.rmtree(run_dir)
     remount("300k")
     rc, out = run(recipe, disk / "small")
     assert rc == 2, out[-3000:]
