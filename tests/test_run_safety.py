@@ -321,6 +321,20 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     assert "second interrupt: aborting now" in proc.stderr
 
 
+def test_grace_budget_bounds_the_stop(tmp_path):
+    """A stop that does not reach its safe point within preempt_grace_s ends the process anyway, with exit 75."""
+    code = ("import os, signal, time\n"
+            "from sparsegpt.core import signals\n"
+            "signals.install(0.5)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(30)\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "took longer than preempt_grace_s=0.5" in proc.stderr
+    assert time.time() - t0 < 30
+
+
 # -- damaged inputs, full disk ---------------------------------------------------------------------------------
 
 def _truncate(path: Path, keep: float = 0.5) -> bytes:
@@ -402,6 +416,18 @@ def test_damaged_model_folder_is_refused_before_the_run_dir(damage, tiny_llama_d
     rc, out = run(recipe, tmp_path / "run")
     assert rc == 2 and expect in out and len(out.strip().splitlines()) == 1, out[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_weights_of_another_model_are_refused(tmp_path, tiny_llama_dir, make_tiny_model):
+    """A whole safetensors file whose tensors are another model's: no random weights, one line."""
+    from sparsegpt.storage.models import load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    make_tiny_model("opt").save_pretrained(tmp_path / "opt")
+    shutil.copy(tmp_path / "opt" / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(UserError, match="do not belong to its config.json"):
+        load_model(folder)
 
 
 def test_checkpoint_whose_manifest_lies_is_found(tmp_path):
