@@ -239,6 +239,38 @@ def test_lock_refuses_a_live_holder_and_takes_over_dead_ones(tmp_path):
     taker.release()
 
 
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-lock"])
+def test_racing_starters_get_one_lock(stale, tmp_path):
+    """Six processes take the lock of one run dir at the same moment (a fresh dir, or one whose lock a dead process
+    left: the takeover race): exactly one holds it, the others are refused naming it."""
+    root = tmp_path / "run"
+    if stale:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        root.mkdir()
+        (root / LOCK_NAME).write_text(json.dumps({**RunLock(root).info(), "pid": dead.pid, "token": "old"}))
+    go = time.time() + 3
+    code = ("import sys, time\n"
+            "from pathlib import Path\n"
+            "from sparsegpt.core.errors import UserError\n"
+            "from sparsegpt.run.lock import RunLock\n"
+            f"time.sleep(max(0, {go} - time.time()))\n"
+            "lock = RunLock(Path(sys.argv[1]))\n"
+            "try:\n"
+            "    lock.acquire()\n"
+            "except UserError as e:\n"
+            "    print('refused', e, flush=True)\n"
+            "    sys.exit(2)\n"
+            "print('holder', flush=True)\n"
+            "time.sleep(4)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(6)]
+    outs = [(p.wait(timeout=60), p.stdout.read()) for p in procs]
+    holders = [out for rc, out in outs if rc == 0]
+    assert len(holders) == 1 and holders[0].startswith("holder"), outs
+    assert all(rc == 2 and "is in use by pid" in out for rc, out in outs if rc != 0), outs
+
+
 # -- preemption ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
