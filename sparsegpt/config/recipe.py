@@ -47,6 +47,7 @@ from sparsegpt.config.settings import (
     Name,
     PruneSettings,
     ResolvedStage,
+    RunSettings,
     Schedule,
     Stage,
     _nm,
@@ -106,6 +107,7 @@ class Recipe(_Strict):
     seed: int = 0
     data: DataSettings
     distributed: DistributedSettings = Field(default_factory=DistributedSettings)
+    run: RunSettings = Field(default_factory=RunSettings)  # the lock, stop signals; not part of the fingerprint
     defaults: Defaults = Field(default_factory=Defaults)
     stages: list[Stage] | None = Field(None, min_length=1)
     schedule: Schedule | None = None

@@ -243,6 +243,14 @@ class DistributedSettings(_Strict):
         return self
 
 
+class RunSettings(_Strict):
+    """How the run behaves on its cluster; changes no result (not in the fingerprint)."""
+
+    # seconds from a stop signal (SIGTERM, SIGUSR1, Ctrl-C) within which the current step and its checkpoint must
+    # finish; past them the process exits anyway (exit 75), resuming from the last complete checkpoint or phase
+    preempt_grace_s: float = Field(300.0, gt=0)
+
+
 class Defaults(_Strict):
     """Settings every stage starts from."""
 

@@ -6,11 +6,14 @@ Temp folders carry their writer's host and pid (`.NAME.tmp-HOST-PID-XXXX`, `.NAM
 `recover_tree` can tell a dead writer's leftovers from a live one's: it removes the dead ones' temp folders (a
 70B checkpoint's are hundreds of GB) and, where a replace was killed between its two renames, puts the parked
 complete old folder back.
+A write that fails because the disk (or quota) is full raises `DiskFull` (a `UserError`: one line naming the
+folder, the bytes needed when the caller knows them, and the bytes free), its temp file or folder removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -19,9 +22,66 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from sparsegpt.core.errors import UserError
 from sparsegpt.core.failpoints import failpoint
 
 logger = logging.getLogger(__name__)
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL = 64 << 20  # free bytes under which a failed write is put down to a full disk whatever its message
+_NO_SPACE_TEXT = ("no space left", "disk quota exceeded", "os error 28", "os error 122")
+
+
+class DiskFull(UserError):
+    """A write into `folder` ran out of disk space (or quota)."""
+
+    def __init__(self, folder: str | os.PathLike, need: int | None = None):
+        self.folder, self.need, self.free = Path(folder), need, free_bytes(folder)
+        needed = f"about {_gib(need)} needed, " if need else ""
+        super().__init__(f"no space left on the device of {self.folder} ({needed}{_gib(self.free)} free); free some "
+                         "space (or point --run-dir elsewhere) and run the same command again: it resumes")
+
+    def needing(self, need: int) -> DiskFull:
+        """The same error with the bytes the whole write needs (as the caller estimates them)."""
+        return DiskFull(self.folder, need) if self.need is None else self
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on `folder`'s filesystem (its nearest existing parent's)."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(error: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether a failed write into `folder` failed for lack of space: ENOSPC/EDQUOT anywhere in the exception's
+    chain, a message saying so (safetensors), or any write error with the disk nearly full (torch.save's
+    `unexpected pos` says nothing of the cause)."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE or any(t in str(e).lower() for t in _NO_SPACE_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return isinstance(error, (OSError, RuntimeError)) and free_bytes(folder) < NEARLY_FULL
+
+
+@contextlib.contextmanager
+def disk_full_as_error(folder: str | os.PathLike, need: int | None = None) -> Iterator[None]:
+    """Re-raise a failed write into `folder` that ran out of space as `DiskFull`; other errors pass unchanged."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        if is_disk_full(e, folder):
+            raise DiskFull(folder, need) from e
+        raise
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
 @contextlib.contextmanager
@@ -30,9 +90,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        with disk_full_as_error(path.parent):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -44,17 +105,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_dir_atomically(out_dir: Path, write: Callable[[Path], None], *, replace: bool) -> None:
+def write_dir_atomically(out_dir: Path, write: Callable[[Path], None], *, replace: bool,
+                         need: int | None = None) -> None:
     """Run write(tmp) on a fresh folder next to out_dir, then rename it to out_dir.
 
     An existing out_dir is swapped out only after the new folder is complete (replace=True), or kept as
-    it is (replace=False: another process finished the same work first).
+    it is (replace=False: another process finished the same work first). Out of space: `DiskFull` (`need`: the
+    bytes the folder takes, if the caller knows), the temp folder removed.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     recover_tree(out_dir.parent, names=(out_dir.name,))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{_writer()}-", dir=out_dir.parent))
     try:
-        write(tmp)
+        with disk_full_as_error(out_dir.parent, need):
+            write(tmp)
         failpoint("save/before-rename")
         if replace and out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{_writer()}-", dir=out_dir.parent))

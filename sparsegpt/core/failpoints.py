@@ -1,5 +1,7 @@
-"""Named crash points for the kill-and-resume tests: `SPARSEGPT_FAILPOINT=name[:n]` SIGKILLs this process the
-n-th time (default 1st) execution passes `failpoint(name)`. Unset (always, outside tests) it costs one dict lookup.
+"""Named crash points for the kill-and-resume tests: `SPARSEGPT_FAILPOINT=name[:n[:SIGNAL[@RANK]]]` sends this
+process SIGNAL (default SIGKILL) the n-th time (default 1st) execution passes `failpoint(name)`, on every rank or
+only on rank RANK (the preemption tests: a real SIGTERM/SIGUSR1/SIGINT/SIGSTOP at a known step). Unset (always,
+outside tests) it costs one dict lookup.
 
 Points: prune/layer (after a decoder layer is pruned), finetune/step (after an optimizer step),
 save/before-rename (an HF folder fully written but not yet renamed into place), save/between-renames (a replaced
@@ -16,13 +18,15 @@ _hits: Counter = Counter()  # per-process pass counts; only ever touched when th
 
 
 def failpoint(name: str) -> None:
-    """Kill this process with SIGKILL if SPARSEGPT_FAILPOINT names this point and its count is reached."""
+    """Signal this process (SIGKILL unless named) if SPARSEGPT_FAILPOINT names this point and its count is reached."""
     spec = os.environ.get("SPARSEGPT_FAILPOINT")
     if not spec:
         return
-    target, _, count = spec.partition(":")
+    target, _, rest = spec.partition(":")
     if target != name:
         return
+    count, _, how = rest.partition(":")
+    signame, _, rank = how.partition("@")
     _hits[name] += 1
-    if _hits[name] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _hits[name] == int(count or 1) and rank in ("", os.environ.get("RANK", "0")):
+        os.kill(os.getpid(), getattr(signal, signame or "SIGKILL"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -350,6 +350,15 @@ class MaskSet:
         """Read masks written by `save`."""
         if not Path(path).is_file():
             raise UserError(f"mask file {path} does not exist; expected a mask.safetensors written by sparsegpt")
+        try:
+            return cls._read(path)
+        except SafetensorError as e:
+            raise UserError(f"mask file {path} is truncated, damaged or not a safetensors file "
+                            f"({str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}); restore it "
+                            "from the model it was saved with") from e
+
+    @classmethod
+    def _read(cls, path: str | os.PathLike) -> MaskSet:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:

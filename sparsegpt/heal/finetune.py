@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.failpoints import failpoint
 from sparsegpt.core.masks import MaskSet
+from sparsegpt.core.signals import Preempted, stop_point
+from sparsegpt.core.world import World
 from sparsegpt.heal.checkpoint import resume, save_checkpoint
 from sparsegpt.heal.config import FinetuneConfig
 from sparsegpt.heal.distill import KDConfig, check_compatible, kd_loss, prepare_teacher, release_teacher
@@ -193,9 +195,18 @@ def _train(engine: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tenso
             if done % cfg.log_every == 0 or done == cfg.steps:
                 log.info("step %d/%d loss %.4f lr %.3e tok/s %.0f", done, cfg.steps, step_loss, lr, tok_s)
             periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
-            if cfg.checkpoint_every and (cfg.checkpoint_final if done == cfg.steps else periodic):
+            saved = cfg.checkpoint_every and (cfg.checkpoint_final if done == cfg.steps else periodic)
+            if saved:
                 save_checkpoint(accelerator, ckpt_dir, cfg, done, losses)
             failpoint("finetune/step")
+            try:  # a stop request (SIGTERM, SIGUSR1, Ctrl-C on any rank): every rank stops after this step
+                if done < cfg.steps:
+                    stop_point(World.current(), f"after fine-tuning step {done}/{cfg.steps}")
+            except Preempted as e:
+                if ckpt_dir is not None and not saved:
+                    save_checkpoint(accelerator, ckpt_dir, cfg, done, losses)
+                e.where += ", its checkpoint written" if ckpt_dir is not None else " (no ckpt_dir: steps not kept)"
+                raise
     seconds = sum(step_seconds)
     return FinetuneResult(steps=cfg.steps, final_loss=losses[-1], losses=losses,
                           tokens_per_s=len(step_seconds) * tokens_per_step / seconds if step_seconds else 0.0,

@@ -35,6 +35,7 @@ from sparsegpt.core.architectures import (
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.failpoints import failpoint
 from sparsegpt.core.masks import MaskSet, PackedMasks
+from sparsegpt.core.signals import stop_point
 from sparsegpt.core.world import World, agree
 from sparsegpt.prune import allocation
 from sparsegpt.prune.baselines import PRUNERS
@@ -342,6 +343,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             layer_seconds.append(time.perf_counter() - t0)
             log.info("layer %d pruned in %.2fs", i, layer_seconds[-1])
             failpoint("prune/layer")
+            stop_point(run.world, f"after pruning layer {i + 1}/{len(layers)}")  # a stop request: between layers
     finally:
         model.train(was_training)
     return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start,

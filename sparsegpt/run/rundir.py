@@ -1,5 +1,6 @@
 """The run directory: its paths, its typed state (`state.json`), its evaluation log (`metrics.jsonl`).
 
+    RUN_DIR/.lock                  the live run's lock (`sparsegpt/run/lock.py`): one writer per run dir
     RUN_DIR/recipe.yaml            the recipe as run; written last at creation, so it marks an initialised run dir
     RUN_DIR/state.json             phases finished per stage (`RunState`; atomic temp + rename; main process only)
     RUN_DIR/metrics.jsonl          one JSON object per evaluation (stage, name, phase, target, sparsity, metrics)
@@ -24,11 +25,12 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from sparsegpt.config.recipe import Recipe, load_recipe
-from sparsegpt.core.atomic import atomic_write_text
+from sparsegpt.core.atomic import atomic_write_text, disk_full_as_error
 from sparsegpt.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
+LOCK_FILES = ".lock"  # the prefix of the lock's files (run/lock.py): a dead first attempt's lock is no content
 RECORD_KEYS = ("stage", "name", "phase", "target", "sparsity", "metrics")
 
 
@@ -105,7 +107,7 @@ class RunDir:
                 raise UserError(
                     f"run dir {self.root} holds another recipe ({old.name!r}, fingerprint {old.fingerprint()[:12]} != "
                     f"{recipe.fingerprint()[:12]}); pass a new --run-dir or the recipe it was started with")
-        elif self.root.exists() and any(self.root.iterdir()):
+        elif self.root.exists() and any(not p.name.startswith(LOCK_FILES) for p in self.root.iterdir()):
             raise UserError(f"run dir {self.root} exists, is not empty and has no recipe.yaml; "
                             "pass an empty or new --run-dir")
 
@@ -180,7 +182,7 @@ def append_metrics(run_dir: str | os.PathLike, record: dict) -> None:
         raise ValueError(f"metrics record needs {RECORD_KEYS} with phase in {tuple(RECORD_PHASES)}; missing "
                          f"{missing}, phase {record.get('phase')!r}")
     line = json.dumps({"time": time.time(), **record}) + "\n"
-    with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
+    with disk_full_as_error(run_dir), open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())

@@ -41,6 +41,8 @@ from sparsegpt.core.data import calibration_ids, default_seqlen, train_ids
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.core.precision import resolve_mixed_precision
+from sparsegpt.core.signals import EXIT_PREEMPTED, Preempted
+from sparsegpt.core.world import World
 from sparsegpt.core.zero import torch_linear_kept, whole_models
 from sparsegpt.evaluate.runners import evaluate_hooks
 from sparsegpt.heal.checkpoint import save_finetuned
@@ -60,6 +62,7 @@ from sparsegpt.run.compare import flatten_for_trackers, format_stage_table
 from sparsegpt.run.memory import plan_for
 from sparsegpt.run.preflight import check_data, check_inputs, check_shared, on_main_then_everywhere
 from sparsegpt.run.rundir import Phase, RunDir, RunState
+from sparsegpt.run.safety import check_disk, damaged_hint, folder_bytes, guarded, repair_state, stage_need, together
 from sparsegpt.storage.compact import export, folder_masks, is_compact
 from sparsegpt.storage.models import (
     load_for_training,
@@ -120,12 +123,17 @@ class Scheduler:
 
     def run(self) -> list[dict]:
         """Every unfinished phase of every stage, in order; returns the run's metrics records."""
+        world = World.current()
         if self.is_main:
+            if repair_state(self.rd, self.state, self.stages):  # outputs deleted since (damaged): redo their phases
+                self.rd.save_state(self.state)
             self.rd.drop_unfinished_records(self.state)
         for stage in self.stages:
             finished = self._finished(stage.index)
             if Phase.COMPLETE in finished:
                 continue
+            source = self._input_dir(stage)
+            on_main_then_everywhere(self.acc, lambda: check_disk(self.rd, stage, finished, source, self.recipe))
             log.info("stage %d/%d %s: target %s", stage.index + 1, len(self.stages), stage.name, stage.target)
             for spec in PIPELINE:
                 if spec.phase in finished:
@@ -135,11 +143,10 @@ class Scheduler:
                         self._mark(stage, spec.phase, None)
                     continue
                 t0 = time.time()
-                if spec.ranks == "all" or self.is_main:
-                    spec.run(self, stage)
-                else:  # COMPLETE's release, on the ranks that skip it: carry no model into the next stage
-                    self._release()
-                self.acc.wait_for_everyone()
+                together(world, f"before {spec.phase.value} of stage {stage.name}",
+                         lambda: spec.run(self, stage) if spec.ranks == "all" or self.is_main
+                         else self._release(),  # COMPLETE skipped here: carry no model into the next stage
+                         lambda: stage_need(stage, finished, folder_bytes(source), self.recipe)[1])
                 if self.is_main:
                     self._mark(stage, spec.phase, time.time() - t0)
         self._release()
@@ -307,10 +314,13 @@ class Scheduler:
     def _load(self, path: str | Path, *, sharded: bool = False, device="cpu") -> tuple[torch.nn.Module, object]:
         """The model in `path`: whole on CPU, or (`sharded`: for fine-tuning) as `models.load_for_training` puts
         it, straight into this rank's ZeRO-3 partition where the plugin allows."""
-        if sharded:
-            return load_for_training(path, self.acc, dtype=self.recipe.dtype)
-        with whole_models(self.acc):
-            return load_model(str(path), dtype=self.recipe.dtype, device=device)
+        try:
+            if sharded:
+                return load_for_training(path, self.acc, dtype=self.recipe.dtype)
+            with whole_models(self.acc):
+                return load_model(str(path), dtype=self.recipe.dtype, device=device)
+        except UserError as e:  # a damaged folder of this run: say how to redo it
+            raise damaged_hint(e, self.rd, Path(path)) from e
 
 
 def _prune_shares(folder: Path) -> dict:
@@ -384,6 +394,9 @@ def main(args: argparse.Namespace) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        log.warning("%s: exiting with %d; run the same command to resume", e, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
 
 
 def run(recipe_path: Path, run_dir: Path | None = None, *, dry_run: bool = False) -> int:
@@ -396,19 +409,19 @@ def run(recipe_path: Path, run_dir: Path | None = None, *, dry_run: bool = False
     rd = RunDir(run_dir or Path("runs") / recipe.name)
     check_inputs(recipe, rd)
     accelerator = build_accelerator(recipe, rd.root)
-    on_main_then_everywhere(accelerator, lambda: check_data(recipe, accelerator.num_processes))
-    if accelerator.is_main_process:
-        log.info("accelerator: %s, %d process(es), zero stage %d", accelerator.distributed_type.value,
-                 accelerator.num_processes, recipe.distributed.zero_stage)
-        rd.create(recipe)
-        recover_tree(rd.root)  # what a killed earlier attempt left mid-write
-    accelerator.wait_for_everyone()
-    check_shared(accelerator, rd)
-    if recipe.trackers:
-        accelerator.init_trackers(recipe.name, config={"recipe": recipe.fingerprint()[:12], "model": recipe.model})
-    torch.manual_seed(recipe.seed)
-    records = Scheduler(recipe, rd, accelerator).run()
-    if accelerator.is_main_process:
-        log.info("run complete: %s (%d evaluations)", rd.root, len(records))
+    with guarded(accelerator, rd, recipe, lambda: check_data(recipe, accelerator.num_processes)):  # lock, signals
+        if accelerator.is_main_process:
+            log.info("accelerator: %s, %d process(es), zero stage %d", accelerator.distributed_type.value,
+                     accelerator.num_processes, recipe.distributed.zero_stage)
+            rd.create(recipe)
+            recover_tree(rd.root)  # what a killed earlier attempt left mid-write
+        accelerator.wait_for_everyone()
+        check_shared(accelerator, rd)
+        if recipe.trackers:
+            accelerator.init_trackers(recipe.name, config={"recipe": recipe.fingerprint()[:12], "model": recipe.model})
+        torch.manual_seed(recipe.seed)
+        records = Scheduler(recipe, rd, accelerator).run()
+        if accelerator.is_main_process:
+            log.info("run complete: %s (%d evaluations)", rd.root, len(records))
     accelerator.end_training()
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -53,8 +55,11 @@ def demo_gguf_path() -> Path:
 
 
 def check_model(name_or_path: str | os.PathLike) -> None:
-    """Raise UserError unless name_or_path can name a model: demo alias, .gguf file, model folder or hub name."""
-    _locate(name_or_path)
+    """Raise UserError unless name_or_path can name a model: demo alias, .gguf file, model folder (its safetensors
+    whole: `check_weights`) or hub name."""
+    gguf, reference = _locate(name_or_path)
+    if gguf is None and Path(reference).is_dir() and not compact.is_compact(reference):
+        check_weights(Path(reference))
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -96,13 +101,19 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: 
                                  "ZeRO-3 init (zero.whole_models) and let prepare shard it")
             model, tokenizer = compact.load_compact(path, dtype=dtype)
         else:
+            if Path(path).is_dir():
+                check_weights(Path(path))
             # straight onto an accelerator, tensor by tensor: no whole host copy (each of 8 ranks evaluating a
             # 13B model held 24 GB of host memory otherwise); zero.Init places partitions itself
             direct = torch.device(device).type != "cpu" and not is_deepspeed_zero3_enabled()
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, "auto"),
-                                                         use_safetensors=True, trust_remote_code=trust_remote_code,
-                                                         **({"device_map": {"": device}} if direct else {}))
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES.get(dtype, "auto"), use_safetensors=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True, **({"device_map": {"": device}} if direct else {}))
+            _check_loading_info(path, info)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (SafetensorError, RuntimeError) as e:  # what check_weights cannot see: damaged tensor data, sizes
+        raise UserError(f"cannot load the model in {path}: its weights are damaged or belong to another model "
+                        f"({_first_line(e)}); restore or re-create the folder") from e
     except OSError as e:
         if Path(path).is_dir():
             raise UserError(f"cannot load the model in {path} ({_first_line(e)}); "
@@ -112,6 +123,42 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", device: 
     model.config.use_cache = False
     model.to(device).eval()
     return model, _with_pad_token(tokenizer, path)
+
+
+def check_weights(folder: Path) -> None:
+    """UserError naming the file unless every safetensors file the folder's weights need is there and whole: the
+    index's shards exist, each file's header parses and its tensors end where the file does (a truncated or
+    foreign file fails here, before a load that would fail midway, or on one rank of a ZeRO-3 load only). Reads
+    the headers alone."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} is damaged ({_first_line(e)}); restore it or re-create the folder") from e
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise UserError(f"model folder {folder} lacks {missing[0]} ({len(missing)} of the {len(names)} shards "
+                            "its index lists are missing); restore them or re-create the folder")
+    else:
+        names = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    for name in names:
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{folder / name} is truncated, damaged or not a safetensors file ({_first_line(e)}); "
+                            "restore it or re-create the folder") from e
+
+
+def _check_loading_info(path: str, info: dict) -> None:
+    """UserError when the checkpoint lacks tensors the model has (they would be left random) or holds them in other
+    shapes. (Unexpected extra tensors are common in hub checkpoints and harmless: not checked.)"""
+    for kind in ("missing_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            raise UserError(f"the weights in {path} do not belong to its config.json: {len(keys)} "
+                            f"{kind.replace('_', ' ')} (e.g. {keys[0]}); restore or re-create the folder")
 
 
 def _with_pad_token(tokenizer: PreTrainedTokenizerBase, path: str) -> PreTrainedTokenizerBase:
