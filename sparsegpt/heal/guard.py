@@ -136,13 +136,16 @@ def check_optimizer(optimizer: object) -> None:
                         "zero; use amsgrad=False")
 
 
+KINDS = ("weight", "fp32", *ADAM_STATES)
+
+
 @dataclass
 class MaskReport:
-    """Non-zero entries at pruned positions, per kind ("weight", "fp32", "exp_avg", "exp_avg_sq"), of the
-    gathered tensors; `kinds` lists the kinds that exist (no fp32 master for a frozen or bf16-only weight, no
+    """Non-zero entries at pruned positions, per kind (`KINDS`: the weight, its fp32 master, the Adam moments), of
+    the gathered tensors; `kinds` lists the kinds that exist (no fp32 master for a frozen or bf16-only weight, no
     moments before the first step)."""
 
-    nonzero: dict[str, int] = field(default_factory=dict)
+    nonzero: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     kinds: set[str] = field(default_factory=set)
     parameters: int = 0
 
@@ -154,8 +157,11 @@ class MaskReport:
         if full is None:
             return
         self.kinds.add(kind)
-        revived = int(torch.count_nonzero(full.detach().reshape(mask.shape).cpu()[mask]))
-        self.nonzero[kind] = self.nonzero.get(kind, 0) + revived
+        self.nonzero[kind] += int(torch.count_nonzero(full.detach().reshape(mask.shape).cpu()[mask]))
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{kind} {self.nonzero[kind]}" for kind in KINDS if kind in self.kinds)
+        return f"non-zero at pruned positions of {self.parameters} masked parameters: {counts}"
 
 
 @contextlib.contextmanager
@@ -250,8 +256,8 @@ class MaskGuard:
         report = mask_report(self.masks, self.model, self.optimizer, states=states)
         if not report.exact:
             bad = ", ".join(f"{k} {v}" for k, v in report.nonzero.items() if v)
-            raise UserError(f"pruned entries are non-zero ({bad}); the mask was not preserved (attach a MaskGuard "
-                            "/ SparseMaskCallback and call its step after every optimizer step)")
+            raise UserError(f"pruned entries are non-zero ({bad} entries); the mask was not preserved (attach a "
+                            "MaskGuard / SparseMaskCallback and call its step after every optimizer step)")
         return report
 
 
@@ -263,7 +269,7 @@ def mask_report(masks: MaskSet, model: nn.Module, optimizer: object | None = Non
     ZeRO: a collective, every rank must call it). Independent of the enforcer's bookkeeping, so it also measures
     a loop without a guard. Every rank returns the largest count of any rank."""
     plain = _plain(model)
-    report = MaskReport(nonzero={"weight": 0})
+    report = MaskReport()
     for _, param, mask in masks.iter_param_masks(plain):
         report.parameters += 1
         with _gathered(param):
@@ -272,10 +278,9 @@ def mask_report(masks: MaskSet, model: nn.Module, optimizer: object | None = Non
             for kind, tensor in _states(param, optimizer).items():
                 report.add(kind, tensor, mask)
     if World.current().size > 1:  # replicas (DDP) could differ: the largest count of any rank
-        kinds = sorted(report.nonzero)
-        counts = torch.tensor([report.nonzero[k] for k in kinds], dtype=torch.int64).to(collective_device("cpu"))
+        counts = torch.tensor([report.nonzero[k] for k in KINDS], dtype=torch.int64).to(collective_device("cpu"))
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        report.nonzero = dict(zip(kinds, counts.tolist()))
+        report.nonzero = dict(zip(KINDS, counts.tolist()))
     return report
 
 
