@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from launching import free_port
-from trainer_worker import dataset, saved_mask_exact, scenario
-from transformers import Trainer, TrainingArguments
+from trainer_worker import arguments, dataset, saved_mask_exact, scenario
+from transformers import Trainer
 from zero_worker import magnitude_prune, tiny_llama, toy_ids
 
 from sparsegpt.core.errors import UserError
@@ -61,6 +61,10 @@ def test_trainer_zero3_two_processes_keeps_the_mask_exact_and_resumes(tmp_path):
     assert records[0] == records[1]  # gathered counts and weights agree on both ranks
     _check_scenario(records[0], world=2)
     assert records[0]["guarded"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    late = records[0]["late_attach"]
+    assert "was wrapped or cast (DeepSpeed, accelerate prepare, .to()) after the mask guard attached" in late["late"]
+    assert "the optimizer given is not the DeepSpeed engine's" in late["other"]
+    assert late["engine"].endswith("14 masked parameters: weight 0, fp32 0, exp_avg 0, exp_avg_sq 0")
     assert saved_mask_exact(tmp_path / "guarded" / "checkpoint-4", magnitude_prune(tiny_llama()))
 
 
@@ -202,8 +206,6 @@ def _reference_kd(student, teacher, ids: torch.Tensor, kd: KDConfig) -> float:
 
 
 def test_distilling_trainer_loss_is_the_kd_objective_and_keeps_the_mask(tmp_path):
-    from trainer_worker import arguments, dataset
-
     student, teacher = tiny_llama(0), tiny_llama(1)
     masks = magnitude_prune(student)
     kd = KDConfig(logit_weight=1.0, hidden_weight=0.5, temperature=2.0, ce_weight=0.5)
@@ -222,3 +224,89 @@ def test_distilling_trainer_loss_is_the_kd_objective_and_keeps_the_mask(tmp_path
         other.config.vocab_size = 50
         DistillingTrainer(model=tiny_llama(0), args=arguments(tmp_path), train_dataset=dataset(), teacher=other,
                           kd=kd)
+
+
+# -- the public guard in a plain loop, and what it refuses -----------------------------------------------------------
+
+def _adamw(model, **kwargs):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **kwargs)
+
+
+def test_guard_in_a_plain_loop_reads_the_mask_from_the_model_zeros_and_detaches():
+    model = tiny_llama()
+    masks = magnitude_prune(model)
+    optimizer = _adamw(model, weight_decay=0.1)
+    guard = MaskGuard().attach(model, optimizer)  # no mask given: the model's exact zeros
+    assert all(torch.equal(guard.masks.masks[name], mask) for name, mask in masks.masks.items())
+    ids = toy_ids()[:4]
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        guard.step()
+        optimizer.zero_grad()
+    report = guard.verify()
+    assert report.exact and report.kinds == {"weight", "fp32", "exp_avg", "exp_avg_sq"} and report.parameters == 14
+    guard.detach()  # no hooks left: the next steps revive pruned weights, and the report says so
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    drift = mask_report(masks, model, optimizer)
+    assert all(drift.nonzero[kind] > 0 for kind in ("weight", "exp_avg", "exp_avg_sq")), drift.nonzero
+    with pytest.raises(UserError, match=r"pruned entries are non-zero \(weight \d+, fp32 \d+"):
+        guard.verify()
+
+
+class AdamW8bit(torch.optim.AdamW):
+    """Stands in for bitsandbytes' class of that name (not installed): the guard refuses it by name."""
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), "optimizer SGD is not one the mask enforcement"),
+    (lambda m: _adamw(m, amsgrad=True), r"AdamW\(amsgrad=True\) keeps a third moment"),
+    (lambda m: AdamW8bit(m.parameters()), "optimizer AdamW8bit keeps block-quantized moments"),
+    (lambda m: None, "MaskGuard.attach needs the optimizer"),
+])
+def test_guard_refuses_optimizers_whose_state_it_cannot_keep_exact(make, message):
+    model = tiny_llama()
+    magnitude_prune(model)
+    with pytest.raises(UserError, match=message):
+        MaskGuard().attach(model, make(model))
+
+
+def test_guard_refuses_a_mask_of_another_model(make_tiny_model, tiny_llama_dir, tmp_path):
+    model = tiny_llama()
+    with pytest.raises(UserError, match="masked modules are not in the model"):
+        MaskGuard(magnitude_prune(make_tiny_model("gpt2"))).attach(model, _adamw(model))
+    wider = tiny_llama()
+    wider.model.layers[0].mlp.down_proj = torch.nn.Linear(256, 64, bias=False)
+    with pytest.raises(UserError, match=r"mask for model.layers.0.mlp.down_proj is \(64, 256\) but the weight is "
+                                        r"\(out, in\) = \(64, 128\)"):
+        MaskGuard(MaskSet.from_model(wider)).attach(model, _adamw(model))
+    with pytest.raises(UserError, match="pruned weights are non-zero before training; the mask does not belong"):
+        MaskGuard(magnitude_prune(tiny_llama())).attach(model, _adamw(model))  # a dense model
+    with pytest.raises(UserError, match="holds no mask.safetensors"):
+        load_mask(tiny_llama_dir)
+    with pytest.raises(UserError, match="does not exist"):
+        load_mask(tmp_path / "nowhere")
+
+
+def test_guard_refuses_a_model_cast_or_wrapped_after_it_attached():
+    model = tiny_llama()
+    magnitude_prune(model)
+    optimizer = _adamw(model)
+    guard = MaskGuard().attach(model, optimizer)
+    model.to(torch.bfloat16)
+    with pytest.raises(UserError, match="wrapped or cast .* after the mask guard attached; attach after"):
+        guard.step()
+
+
+def test_callback_refuses_adafactor_and_fsdp(tmp_path):
+    from types import SimpleNamespace
+
+    model = tiny_llama()
+    masks = magnitude_prune(model)
+    trainer = Trainer(model=model, args=arguments(tmp_path, optim="adafactor"), train_dataset=dataset(),
+                      callbacks=[SparseMaskCallback(masks)])
+    with pytest.raises(UserError, match="optimizer Adafactor keeps factored second moments .* optim='adamw_torch'"):
+        trainer.train()
+    with pytest.raises(UserError, match="does not support FSDP .* use DeepSpeed ZeRO-3"):
+        SparseMaskCallback(masks).on_train_begin(SimpleNamespace(fsdp="full_shard"), None, None, model=model)

@@ -20,8 +20,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 from zero_worker import magnitude_prune, tiny_llama, toy_ids
 
+from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
-from sparsegpt.heal.guard import mask_report
+from sparsegpt.heal.guard import MaskGuard, mask_report
 from sparsegpt.heal.trainer import SparseMaskCallback, cpu_deepspeed_arguments
 
 STEPS = 4
@@ -98,10 +99,38 @@ def saved_mask_exact(folder: Path, masks: MaskSet) -> bool:
     return all(torch.equal(reloaded.masks[name] & mask, mask) for name, mask in masks.masks.items())
 
 
+def late_attach() -> dict:
+    """A guard attached before `deepspeed.initialize` (its keeps fit the unpartitioned weights) must refuse to
+    step; attaching to the engine itself (its own optimizer) is right, with another optimizer it is refused."""
+    import deepspeed
+
+    model = tiny_llama()
+    masks = magnitude_prune(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = MaskGuard(masks).attach(model, optimizer)  # the mistake: before DeepSpeed wraps and partitions
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    ids = toy_ids()[:2]
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    messages = {}
+    for case, action in (("late", guard.step),
+                         ("other", lambda: MaskGuard(masks).attach(engine, torch.optim.AdamW(model.parameters())))):
+        try:
+            action()
+        except UserError as e:
+            messages[case] = str(e)
+    guard.detach()
+    messages["engine"] = str(MaskGuard(masks).attach(engine).verify())
+    engine.destroy()
+    return messages
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
     record = scenario(out_dir, deepspeed=ZERO3)
+    record["late_attach"] = late_attach()
     import torch.distributed as dist
 
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
