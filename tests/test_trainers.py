@@ -143,7 +143,8 @@ def _example(*args: str, processes: int = 0, timeout: int = 400) -> subprocess.C
                 str(free_port())] if processes else []
     proc = subprocess.run([sys.executable, *launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert proc.returncode == 0, "\n".join(errors[-20:]) + proc.stderr[-3000:]
     return proc
 
 
