@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXACT = {"weight": 0, "fp32": 0, "exp_avg": 0, "exp_avg_sq": 0}
 
 
-def _check_scenario(record: dict, world: int) -> None:
+def _check_scenario(record: dict, world: int, bitwise_resume: bool = True) -> None:
     """Guarded and resumed runs: every pruned entry 0, every kept weight trained, the resume equal bit for bit to the
-    uninterrupted run; the unguarded control drifts in all four."""
+    uninterrupted run (to float rounding with DeepSpeed's CPU Adam); the unguarded control drifts in all four."""
     guarded, resumed, control = record["guarded"], record["resumed"], record["control"]
     for run in (guarded, resumed, control):
         assert run["world"] == world and run["global_step"] == 4
@@ -38,7 +38,10 @@ def _check_scenario(record: dict, world: int) -> None:
         assert run["moved"] == run["kept"] > 0  # every kept weight of every masked linear changed
     assert guarded["nonzero"] == EXACT and resumed["nonzero"] == EXACT
     assert all(v > 0 for v in control["nonzero"].values()), control["nonzero"]
-    assert resumed["digest"] == guarded["digest"] and resumed["losses"] == guarded["losses"]
+    if bitwise_resume:
+        assert resumed["digest"] == guarded["digest"] and resumed["losses"] == guarded["losses"]
+    else:  # DeepSpeedCPUAdam (optimizer offload): the resumed step 4 differed in the 7th digit (4.397686 / 4.397685)
+        assert resumed["losses"] == pytest.approx(guarded["losses"], rel=1e-5)
     assert guarded["losses"][-1] < guarded["losses"][0]
 
 
@@ -48,19 +51,27 @@ def test_trainer_one_process_keeps_the_mask_exact_through_accumulation_checkpoin
     assert saved_mask_exact(tmp_path / "guarded" / "checkpoint-4", magnitude_prune(tiny_llama()))
 
 
+OPTIMIZERS = {"zero2": "DeepSpeedZeroOptimizer", "zero3": "DeepSpeedZeroOptimizer_Stage3",
+              "zero3_offload": "DeepSpeedZeroOptimizer_Stage3"}
+
+
 @pytest.mark.slow
-def test_trainer_zero3_two_processes_keeps_the_mask_exact_and_resumes(tmp_path):
+@pytest.mark.parametrize("backend", ["zero3", "zero2", "zero3_offload"])
+def test_trainer_deepspeed_two_processes_keeps_the_mask_exact_and_resumes(backend, tmp_path):
     """torchrun, not accelerate launch: the Trainer builds its own DeepSpeed accelerator from TrainingArguments."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "tests/trainer_worker.py", str(tmp_path)]
+           "tests/trainer_worker.py", str(tmp_path), backend]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert records[0] == records[1]  # gathered counts and weights agree on both ranks
-    _check_scenario(records[0], world=2)
-    assert records[0]["guarded"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    _check_scenario(records[0], world=2, bitwise_resume=backend != "zero3_offload")
+    assert records[0]["guarded"]["optimizer"] == OPTIMIZERS[backend]
+    assert saved_mask_exact(tmp_path / "guarded" / "checkpoint-4", magnitude_prune(tiny_llama()))
+    if backend != "zero3":
+        return
     late = records[0]["late_attach"]
     assert "was wrapped or cast (DeepSpeed, accelerate prepare, .to()) after the mask guard attached" in late["late"]
     assert "the optimizer given is not the DeepSpeed engine's" in late["other"]

@@ -1,6 +1,6 @@
 """The transformers-Trainer runs the trainer tests share: in-process for one process, and one process of
-`torchrun --nproc_per_node 2 tests/trainer_worker.py OUT_DIR` (DeepSpeed ZeRO-3 from the Trainer's own
-`TrainingArguments(deepspeed=...)`, gloo on CPU) for two.
+`torchrun --nproc_per_node 2 tests/trainer_worker.py OUT_DIR BACKEND` (DeepSpeed ZeRO-2, ZeRO-3 or ZeRO-3 with the
+optimizer offloaded, from the Trainer's own `TrainingArguments(deepspeed=...)`, gloo on CPU) for two.
 
 Each run trains the tiny 70 %-pruned Llama of zero_worker for 4 optimizer steps (2 rows × 2 accumulation
 micro-batches per process, activation checkpointing on, a checkpoint at steps 2 and 4): with `SparseMaskCallback`;
@@ -26,9 +26,16 @@ from sparsegpt.heal.guard import MaskGuard, mask_report
 from sparsegpt.heal.trainer import SparseMaskCallback, cpu_deepspeed_arguments
 
 STEPS = 4
-ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-         "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+_AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+         "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
+DEEPSPEED = {  # the Trainer fills the "auto" values from TrainingArguments
+    "zero2": {**_AUTO, "zero_optimization": {"stage": 2}},
+    "zero3": {**_AUTO, "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}},
+    "zero3_offload": {**_AUTO, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto",
+                                                                          "betas": "auto", "eps": "auto"}},
+                      "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                            "offload_optimizer": {"device": "cpu"}}},
+}
 
 
 def dataset(rows: int = 32) -> list[dict]:
@@ -126,15 +133,16 @@ def late_attach() -> dict:
     return messages
 
 
-def main(out: str) -> None:
+def main(out: str, backend: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
-    record = scenario(out_dir, deepspeed=ZERO3)
-    record["late_attach"] = late_attach()
+    record = scenario(out_dir, deepspeed=DEEPSPEED[backend])
+    if backend == "zero3":
+        record["late_attach"] = late_attach()
     import torch.distributed as dist
 
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

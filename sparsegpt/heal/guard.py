@@ -285,16 +285,19 @@ def mask_report(masks: MaskSet, model: nn.Module, optimizer: object | None = Non
 
 
 def _states(param: nn.Parameter, optimizer: object | None) -> dict[str, Tensor | None]:
-    """The whole fp32 master and Adam moments of `param` (None where they do not exist yet)."""
-    if hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None:
+    """The whole fp32 master and Adam moments of `param` (None where they do not exist yet). Under DeepSpeed the
+    gathers are collectives, so the path and the "has it stepped" test must not depend on this rank's share: every
+    ZeRO-1/2 parameter has `_hp_mapping` (None on a rank holding none of it), every ZeRO-3 one `ds_id`."""
+    base = optimizer_chain(optimizer)[-1] if optimizer is not None else None
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         out = {"fp32": safe_get_full_fp32_param(param)}
-        stepped = hasattr(param, "ds_id") or param._hp_mapping.optim_fragment
+        stepped = base is not None and len(base.state) > 0  # the moments exist once the optimizer has stepped
         for key in ADAM_STATES:
             out[key] = safe_get_full_optimizer_state(param, key) if stepped else None
         return out
-    state = optimizer_chain(optimizer)[-1].state.get(param, {}) if optimizer is not None else {}
+    state = base.state.get(param, {}) if base is not None else {}
     fp32 = param.data if param.dtype == torch.float32 else None
     return {"fp32": fp32, **{key: state.get(key) for key in ADAM_STATES}}
 
