@@ -192,6 +192,7 @@ def test_example_trl_sft_lora_merges_sparse(pruned_dir, tmp_path):
     _check_healed(out, pruned_dir)
 
 
+@pytest.mark.slow
 def test_example_accelerate_loop(pruned_dir, tmp_path):
     out = tmp_path / "loop"
     proc = _example("examples/accelerate_loop.py", "--model", str(pruned_dir), "--out", str(out), "--steps", "3",
@@ -217,6 +218,7 @@ def _reference_kd(student, teacher, ids: torch.Tensor, kd: KDConfig) -> float:
     return float(kd.ce_weight * ce + kd.logit_weight * kl + kd.hidden_weight * hidden)
 
 
+@pytest.mark.slow
 def test_distilling_trainer_loss_is_the_kd_objective_and_keeps_the_mask(tmp_path):
     student, teacher = tiny_llama(0), tiny_llama(1)
     masks = magnitude_prune(student)
