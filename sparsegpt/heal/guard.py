@@ -18,11 +18,9 @@ accumulation boundary); calling it between accumulation micro-batches is harmles
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -34,16 +32,16 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from sparsegpt.core.errors import UserError
-from sparsegpt.core.masks import MaskSet
+from sparsegpt.core.masks import MaskSet, _gathered
 from sparsegpt.core.world import World, collective_device
 from sparsegpt.heal.enforce import ADAM_STATES, MaskEnforcer
 from sparsegpt.heal.lora import merge_sparse_lora
 from sparsegpt.storage.compact import is_compact, load_masks
+from sparsegpt.storage.compact_codec import MASK_FILE
 
 log = logging.getLogger(__name__)
 
 MaskSource = Union[MaskSet, str, os.PathLike, nn.Module, None]
-MASK_FILE = "mask.safetensors"
 # Optimizers whose per-parameter state is exactly Adam's two moments, which the enforcer zeroes; anything else
 # keeps state it does not know (UserError at attach).
 ADAM_CLASSES = {"torch.optim.adam.Adam", "torch.optim.adamw.AdamW", "deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam",
@@ -162,18 +160,6 @@ class MaskReport:
     def __str__(self) -> str:
         counts = ", ".join(f"{kind} {self.nonzero[kind]}" for kind in KINDS if kind in self.kinds)
         return f"non-zero at pruned positions of {self.parameters} masked parameters: {counts}"
-
-
-@contextlib.contextmanager
-def _gathered(param: Tensor) -> Iterator[None]:
-    """The whole weight for the duration (a collective under ZeRO-3: every rank must enter, in the same order)."""
-    if not hasattr(param, "ds_id"):
-        yield
-        return
-    from deepspeed.runtime.zero import GatheredParameters
-
-    with GatheredParameters([param], modifier_rank=None):
-        yield
 
 
 class MaskGuard:
