@@ -21,7 +21,7 @@ from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.heal.distill import KDConfig
 from sparsegpt.heal.guard import MaskGuard, load_mask, mask_report
-from sparsegpt.heal.trainer import DistillingTrainer, SparseMaskCallback
+from sparsegpt.heal.trainer import DistillationMixin, DistillingTrainer, SparseMaskCallback
 from sparsegpt.storage.models import save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +132,19 @@ def test_trl_sft_full_and_lora_keep_the_mask_and_lora_merges_sparse(make_tiny_mo
     for name, module in masks.modules(merged).items():  # the adapted linears moved at kept positions only
         delta = module.weight.detach() != before[name]
         assert bool(delta.any()) == name.endswith(("q_proj", "v_proj", "down_proj")), name
+
+    class DistillingSFT(DistillationMixin, SFTTrainer):
+        pass
+
+    model = make_tiny_model("llama")
+    masks = magnitude_prune(model)
+    trainer = DistillingSFT(model=model, args=_sft_config(tmp_path / "kd", max_steps=2), train_dataset=data,
+                            processing_class=tiny_tokenizer, callbacks=[SparseMaskCallback(masks)],
+                            teacher=make_tiny_model("llama", seed=1), kd=KDConfig(logit_weight=1.0, temperature=2.0))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    assert mask_report(masks, trainer.model, trainer.optimizer).nonzero == EXACT
 
 
 @pytest.fixture
