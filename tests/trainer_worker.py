@@ -11,6 +11,7 @@ positions), how many kept weights moved, the losses and a digest of the final we
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -61,25 +62,20 @@ def run(out: Path, *, callback: bool, resume: str | None = None, deepspeed: dict
     """One Trainer run (every rank); what the tests assert on. ZeRO-3: the weights are gathered for the counts."""
     model = tiny_llama()
     masks = magnitude_prune(model)
-    initial = {name: weight.clone() for name, weight in masks.masks.items()}  # bool masks; weights below
     start = {name: module.weight.detach().clone() for name, module in masks.modules(model).items()}
     trainer = Trainer(model=model, args=arguments(out, deepspeed), train_dataset=dataset(),
                       callbacks=[SparseMaskCallback(masks)] if callback else [])
     result = trainer.train(resume_from_checkpoint=resume)
     report = mask_report(masks, trainer.model, trainer.optimizer)
-    moved, kept, digest = 0, 0, None
-    params = dict(trainer.model.named_parameters())
-    if deepspeed is not None:
+    moved = kept = 0
+    gather = contextlib.nullcontext()
+    if deepspeed is not None:  # a no-op for parameters ZeRO did not partition
         from deepspeed.runtime.zero import GatheredParameters
 
-        gather = GatheredParameters(list(params.values()), modifier_rank=None)
-    else:
-        import contextlib
-
-        gather = contextlib.nullcontext()
+        gather = GatheredParameters(list(trainer.model.parameters()), modifier_rank=None)
     with gather:
         for name, module in masks.modules(trainer.model).items():
-            keep = ~initial[name]
+            keep = ~masks.masks[name]
             moved += int((module.weight.detach().cpu()[keep] != start[name][keep]).sum())
             kept += int(keep.sum())
         digest = _digest(trainer.model)

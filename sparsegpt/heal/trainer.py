@@ -42,7 +42,8 @@ class SparseMaskCallback(TrainerCallback):
 
     `mask`: anything `guard.load_mask` reads (a pruned model folder, a run's stage folder, a compact checkpoint, a
     mask.safetensors, a MaskSet), or None for the exact zeros of the Trainer's model when training begins.
-    `verify_at_end`: gather and check every pruned entry when training ends (UserError naming what drifted)."""
+    `verify_at_end`: gather and check every pruned entry when training ends (UserError naming what drifted).
+    The gradient hooks come off when training ends; after an exception in `train`, `callback.guard.detach()`."""
 
     def __init__(self, mask: MaskSource = None, *, verify_at_end: bool = True):
         self.guard = MaskGuard(mask)
@@ -61,7 +62,7 @@ class SparseMaskCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs) -> None:
         if self.verify_at_end:
             report = self.guard.verify()
-            log.info("mask exact after training: %s", report.nonzero)
+            log.info("mask exact after training: %s", report)
         self.guard.detach()
 
 
