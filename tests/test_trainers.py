@@ -337,3 +337,21 @@ def test_callback_refuses_adafactor_and_fsdp(tmp_path):
         trainer.train()
     with pytest.raises(UserError, match="does not support FSDP .* use DeepSpeed ZeRO-3"):
         SparseMaskCallback(masks).on_train_begin(SimpleNamespace(fsdp="full_shard"), None, None, model=model)
+
+
+def test_load_mask_reads_every_source(tiny_llama_dir, tmp_path):
+    from sparsegpt.storage.compact_export import save_compact
+    from sparsegpt.storage.models import load_model
+
+    model, tokenizer = load_model(tiny_llama_dir)
+    masks = magnitude_prune(model)
+    stage = tmp_path / "run" / "stages" / "01-s70"
+    save_model(model, tokenizer, stage / "model")
+    masks.save(stage / "model" / "mask.safetensors")
+    save_compact(model, tokenizer, masks, tmp_path / "compact")
+    for source in (masks, stage, stage / "model", stage / "model" / "mask.safetensors", tmp_path / "compact", model):
+        loaded = load_mask(source)
+        assert sorted(loaded.masks) == sorted(masks.masks), source  # a compact folder lists them sorted
+        assert all(torch.equal(loaded.masks[name], mask) for name, mask in masks.masks.items()), source
+    with pytest.raises(UserError, match="no mask given and no model"):
+        load_mask(None)
