@@ -138,6 +138,8 @@ def main(out: str, backend: str) -> None:
     import torch.distributed as dist
 
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
+    dist.barrier()  # leave together: a rank exiting with live gloo threads while the other works aborted twice
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
