@@ -138,7 +138,7 @@ def main(out: str, backend: str) -> None:
     import torch.distributed as dist
 
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
-    dist.barrier()  # leave together: a rank exiting with live gloo threads while the other works aborted twice
+    dist.barrier()  # leave together, the process group torn down before the interpreter's own teardown
     dist.destroy_process_group()
 
 
