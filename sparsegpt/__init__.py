@@ -7,7 +7,11 @@ from sparsegpt.core.errors import UserError
 __version__ = "0.1.0"
 
 # Public names resolved on first use (PEP 562): `import sparsegpt.config.recipe`, `sparsegpt --help` load no torch.
-_LAZY = {"prune_matrix": "sparsegpt.prune.solver", "load_compact": "sparsegpt.storage.compact"}
+_LAZY = {"prune_matrix": "sparsegpt.prune.solver", "load_compact": "sparsegpt.storage.compact",
+         "MaskGuard": "sparsegpt.heal.guard", "load_mask": "sparsegpt.heal.guard",
+         "mask_report": "sparsegpt.heal.guard",
+         "SparseMaskCallback": "sparsegpt.heal.trainer", "DistillationMixin": "sparsegpt.heal.trainer",
+         "DistillingTrainer": "sparsegpt.heal.trainer"}
 __all__ = ["UserError", "__version__", *_LAZY]
 
 
