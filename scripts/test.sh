@@ -14,5 +14,5 @@ fi
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # lint + import order first: seconds, and a failure names file and line
-${PYTHON:-python3} -m ruff check --quiet sparsegpt tests bench train
+${PYTHON:-python3} -m ruff check --quiet sparsegpt tests bench train examples
 exec ${PYTHON:-python3} -m pytest -q "${marker[@]}" "$@"
