@@ -1,7 +1,8 @@
 """Named crash points for the kill-and-resume tests: `SPARSEGPT_FAILPOINT=name[:n]` SIGKILLs this process the
 n-th time (default 1st) execution passes `failpoint(name)`. Unset (always, outside tests) it costs one dict lookup.
 
-Points: prune/layer (after a decoder layer is pruned), finetune/step (after an optimizer step),
+Points: prune/layer (after a decoder layer is pruned), finetune/step (after an optimizer step), finetune/lr-search
+(after an `lr: auto` candidate's probe is recorded),
 save/before-rename (an HF folder fully written but not yet renamed into place), save/between-renames (a replaced
 folder parked aside, the new one not yet renamed in).
 """
