@@ -123,7 +123,7 @@ def search_lr(accelerator: Accelerator, stage_dir: Path, stage: ResolvedStage, l
     search, name = stage.finetune.search, stage.name
     world = World.current()
     path = stage_dir / LR_SEARCH_FILE
-    record = world.broadcast_object(_read(path) if world.is_main else None)
+    record = _read_on_main(world, path)
     if record is not None and record.get("chosen") is not None:
         log.info("stage %s: lr auto -> %g (recorded in %s)", name, record["chosen"], path)
         return float(record["chosen"])
@@ -204,6 +204,20 @@ def search_summary(stage_dir: Path) -> dict | None:
         return None
     return {"chosen": record["chosen"], "cost": record["cost"], "probe_steps": record["steps"],
             "tune_ppl": {f"{r['lr']:g}": r["ppl"] for r in record["results"]}}
+
+
+def _read_on_main(world: World, path: Path) -> dict | None:
+    """`_read` on rank 0, its record or its error on every rank (no rank left waiting in the broadcast)."""
+    box = None
+    if world.is_main:
+        try:
+            box = (_read(path), None)
+        except UserError as e:
+            box = (None, str(e))
+    record, error = world.broadcast_object(box)
+    if error is not None:
+        raise UserError(error)
+    return record
 
 
 def _read(path: Path) -> dict | None:
