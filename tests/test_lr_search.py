@@ -21,7 +21,7 @@ from sparsegpt.config.settings import FinetuneSettings, LrSearchSettings
 from sparsegpt.core import data
 from sparsegpt.core.data import eval_ids, load_text
 from sparsegpt.core.errors import UserError
-from sparsegpt.run.lr_search import LR_SEARCH_FILE, check_search, probe_plan, tune_windows
+from sparsegpt.run.lr_search import LR_SEARCH_FILE, check_search, choose, probe_plan, tune_windows
 from sparsegpt.run.memory import plan_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +172,16 @@ def test_probe_plan_scales_the_stage():
         LrSearchSettings(tokens=9000).probe_steps(16, 512)
 
 
+def test_choice_is_the_lowest_tune_perplexity_ties_to_the_smaller_lr():
+    results = [{"lr": 1e-4, "ppl": 30.0}, {"lr": 1e-3, "ppl": 20.0}, {"lr": 3e-3, "ppl": 20.0},
+               {"lr": 1e-2, "ppl": None, "diverged_at": 2}]
+    assert choose(results)["lr"] == 1e-3
+    assert choose(list(reversed(results)))["lr"] == 1e-3
+    assert choose([{"lr": 1e-2, "ppl": None}, {"lr": 1e-4, "ppl": 1e9}])["lr"] == 1e-4  # diverged never wins
+    with pytest.raises(UserError, match="stage s1: every lr candidate diverged in its probe \\(0.01, 0.1\\)"):
+        choose([{"lr": 1e-2, "ppl": None}, {"lr": 1e-1, "ppl": None}], "s1")
+
+
 @pytest.mark.parametrize("finetune, message", [
     ("{steps: 2, lr: 0}", "defaults.finetune.lr: Input should be greater than 0 (got 0)"),
     ("{steps: 2, lr: fast}", "defaults.finetune.lr: 'fast' is neither a learning rate (e.g. 1e-4) nor 'auto'"),
@@ -179,7 +189,8 @@ def test_probe_plan_scales_the_stage():
     ("{steps: 2, lr: 1.0e-3, lr_search: {windows: 2}}", "lr_search is set but lr is 0.001; use lr: auto"),
     ("{steps: 2, lr: auto, lr_search: {candidates: []}}", "lr_search.candidates: List should have at least 1 item"),
     ("{steps: 2, lr: auto, lr_search: {candidates: [0.1, 0.1]}}", "repeat a value"),
-    ("{steps: 2, lr: auto, lr_search: {candidates: [-1]}}", "lr_search.candidates[0]: Input should be greater than 0 (got -1)"),
+    ("{steps: 2, lr: auto, lr_search: {candidates: [-1]}}",
+     "lr_search.candidates[0]: Input should be greater than 0 (got -1)"),
     ("{steps: 2, lr: auto, lr_search: {windows: 0}}", "lr_search.windows: Input should be greater than or equal"),
     ("{steps: 2, lr: auto, lr_search: {rate: 1}}", "unknown key 'rate'"),
 ])

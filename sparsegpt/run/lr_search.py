@@ -164,12 +164,8 @@ def _run(acc: Accelerator, path: Path, search: LrSearchSettings, load: Callable[
         del heal
         acc.free_memory()
         gc.collect()
-        scored = [r for r in record["results"] if r["ppl"] is not None]
         if len(record["results"]) == len(plan.candidates):
-            if not scored:
-                raise UserError(f"stage {name}: every lr candidate diverged in its probe "
-                                f"({', '.join(f'{c:g}' for c in plan.candidates)}); give smaller lr_search.candidates")
-            best = min(scored, key=lambda r: (r["ppl"], r["lr"]))
+            best = choose(record["results"], name)
             record["chosen"] = best["lr"]
             log.info("stage %s: lr auto -> %g (tune ppl %.3f; probes cost %s)", name, best["lr"], best["ppl"],
                      search.cost(plan.stage_steps, plan.tokens_per_step))
@@ -177,6 +173,16 @@ def _run(acc: Accelerator, path: Path, search: LrSearchSettings, load: Callable[
             atomic_write_text(path, json.dumps(record, indent=1))
         failpoint("finetune/lr-search")
     return record
+
+
+def choose(results: list[dict], name: str = "") -> dict:
+    """The winning probe result: lowest tune perplexity, ties to the smaller lr; diverged ones (ppl None) never win."""
+    scored = [r for r in results if r["ppl"] is not None]
+    if not scored:
+        tried = ", ".join(f"{r['lr']:g}" for r in results)
+        raise UserError(f"stage {name}: every lr candidate diverged in its probe ({tried}); give smaller "
+                        "lr_search.candidates")
+    return min(scored, key=lambda r: (r["ppl"], r["lr"]))
 
 
 def _probe(acc: Accelerator, heal: Heal, lr: float, plan: ProbePlan, source: str, name: str) -> dict:
