@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/heal/lr_search.py --out runs/lr-search                # auto + 1e-4, then the table
     OMP_NUM_THREADS=1 python bench/heal/lr_search.py --out runs/lr-search --runs 1e-3    # more fixed-lr runs
+    OMP_NUM_THREADS=1 python bench/heal/lr_search.py --out runs/lr-search --runs auto-4096  # 4096 probe tokens
     python bench/heal/lr_search.py --out runs/lr-search --report                         # the table only
 
 The issue 20 set-up as one-stage recipes: SparseGPT to 90 % on 32 x 128 stdlib-docs calibration tokens, then 32
@@ -28,16 +29,19 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("stdlib-docs", "debian-licenses")
 
 
-def recipe(lr: str) -> dict:
+def recipe(run: str) -> dict:
+    """`run`: a fixed lr ("1e-4"), "auto", or "auto-N" (lr: auto with N probe tokens per candidate)."""
     hooks = [{"type": "perplexity", "source": s, "seqlen": 128, "max_windows": 32} for s in SOURCES]
+    lr, _, probe = run.partition("-") if run.startswith("auto") else (run, "", "")
+    finetune = {"lr_search": {"tokens": int(probe)}} if probe else {}
     return {
-        "name": f"lr-{lr}", "model": "smollm2-135m", "dtype": "float32", "seed": 0,
+        "name": f"lr-{run}", "model": "smollm2-135m", "dtype": "float32", "seed": 0,
         "data": {"calibration": "stdlib-docs", "finetune": "stdlib-docs", "eval": list(SOURCES)},
         "distributed": {"zero_stage": 0, "micro_batch_size": 4, "grad_accum": 1, "mixed_precision": "no"},
         "defaults": {
             "prune": {"method": "sparsegpt", "nsamples": 32, "seqlen": 128, "batch_size": 8},
             "finetune": {"steps": 32, "seqlen": 128, "lr": lr if lr == "auto" else float(lr), "warmup_steps": 3,
-                         "schedule": "cosine", "max_grad_norm": 1.0, "log_every": 8},
+                         "schedule": "cosine", "max_grad_norm": 1.0, "log_every": 8, **finetune},
             "eval": {"hooks": hooks + [{"type": "sparsity"}], "phases": ["pruned", "finetuned"]},
         },
         "stages": [{"name": "s90", "target": 0.9}],
@@ -61,7 +65,7 @@ def run_one(out: Path, lr: str) -> tuple[str, int, float]:
 def report(out: Path) -> str:
     rows = ["| run | lr used | stdlib-docs (trained domain) | debian-licenses (held out) | fine-tune phase s |",
             "|---|---|---|---|---|"]
-    search = None
+    searches, pruned = [], None
     for run in sorted((out / "runs").glob("lr-*")):
         lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
         recs = {r["phase"]: r for r in map(json.loads, lines)}
@@ -71,30 +75,34 @@ def report(out: Path) -> str:
         seconds = state["stages"]["0"]["seconds"].get("finetune")
         record = run / "stages" / "00-s90" / "lr_search.json"
         lr = json.loads(record.read_text())["chosen"] if record.exists() else float(run.name[3:])
-        if record.exists():
-            search = json.loads(record.read_text())
         m = recs["finetuned"]["metrics"]
         rows.append(f"| {run.name} | {lr:g} | {m['ppl/stdlib-docs']:.1f} | {m['ppl/debian-licenses']:.1f} | "
                     f"{seconds:.0f} |")
         pruned = recs.get("pruned", {}).get("metrics")
+    for run in sorted((out / "runs").glob("lr-auto*")):
+        record = run / "stages" / "00-s90" / "lr_search.json"
+        if record.exists():
+            searches.append((run.name, json.loads(record.read_text())))
     if pruned:
         rows.append(f"| one-shot, no healing | - | {pruned['ppl/stdlib-docs']:.1f} | "
                     f"{pruned['ppl/debian-licenses']:.1f} | - |")
-    if search:
-        rows += ["", f"Search ({search['source']} tune split, {search['windows']} x {search['seqlen']} windows; "
-                     f"{search['steps']} probe steps of {search['stage_steps']}, warm-up {search['warmup_steps']}; "
+    for name, search in searches:
+        rows += ["", f"{name}: search ({search['source']} tune split, {search['windows']} x {search['seqlen']} "
+                     f"windows; {search['steps']} probe steps of {search['stage_steps']}, warm-up {search['warmup_steps']}; "
                      f"cost {search['cost']:.0%} of the stage's tokens):", "",
                  "| candidate lr | tune ppl | probe final loss | probe s |", "|---|---|---|---|"]
         rows += [f"| {r['lr']:g} | {r['ppl']:.1f} | {r['final_loss']:.3f} | {r['seconds']:.0f} |"
                  if r["ppl"] is not None else f"| {r['lr']:g} | diverged | - | {r['seconds']:.0f} |"
                  for r in search["results"]]
+        rows += [f"chosen: {search['chosen']:g}" if "chosen" in search else "(search unfinished)"]
     return "\n".join(rows)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--runs", nargs="+", default=["auto", "1e-4"], help="'auto' and/or fixed lrs")
+    parser.add_argument("--runs", nargs="+", default=["auto", "1e-4"],
+                        help="'auto', 'auto-N' (N probe tokens per candidate) and/or fixed lrs")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each OMP_NUM_THREADS threads)")
     parser.add_argument("--report", action="store_true", help="print the table of finished runs; run nothing")
     args = parser.parse_args()
