@@ -88,8 +88,8 @@ def report(out: Path) -> str:
                     f"{pruned['ppl/debian-licenses']:.1f} | - |")
     for name, search in searches:
         rows += ["", f"{name}: search ({search['source']} tune split, {search['windows']} x {search['seqlen']} "
-                     f"windows; {search['steps']} probe steps of {search['stage_steps']}, warm-up {search['warmup_steps']}; "
-                     f"cost {search['cost']:.0%} of the stage's tokens):", "",
+                     f"windows; {search['steps']} probe steps of {search['stage_steps']}, warm-up "
+                     f"{search['warmup_steps']}; cost {search['cost']:.0%} of the stage's tokens):", "",
                  "| candidate lr | tune ppl | probe final loss | probe s |", "|---|---|---|---|"]
         rows += [f"| {r['lr']:g} | {r['ppl']:.1f} | {r['final_loss']:.3f} | {r['seconds']:.0f} |"
                  if r["ppl"] is not None else f"| {r['lr']:g} | diverged | - | {r['seconds']:.0f} |"
