@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python bench/heal/lr_search.py --out runs/lr-search                # auto + 1e-4, then the table
     OMP_NUM_THREADS=1 python bench/heal/lr_search.py --out runs/lr-search --runs 1e-3    # more fixed-lr runs
     OMP_NUM_THREADS=1 python bench/heal/lr_search.py --out runs/lr-search --runs auto-4096  # 4096 probe tokens
-    python bench/heal/lr_search.py --out runs/lr-search --report                         # the table only
+    python bench/heal/lr_search.py --out runs/lr-search --report [--tune-ppl]            # the tables only
 
 The issue 20 set-up as one-stage recipes: SparseGPT to 90 % on 32 x 128 stdlib-docs calibration tokens, then 32
 steps of 4 x 128 tokens (16 k) of fp32 healing on stdlib-docs train, 3 warm-up steps, cosine, AdamW; perplexity on
@@ -98,6 +98,23 @@ def report(out: Path) -> str:
     return "\n".join(rows)
 
 
+def tune_ppl(out: Path, windows: int = 16) -> str:
+    """Each finished run's final model scored on the search's tune windows: does the tune split rank full-length
+    runs as the evaluation windows do (then a wrong pick is the probes' fault, not the split's)?"""
+    from sparsegpt.evaluate.perplexity import perplexity
+    from sparsegpt.run.lr_search import tune_windows
+    from sparsegpt.storage.models import load_model
+
+    rows = [f"| run | tune ppl ({windows} x 128, final model) |", "|---|---|"]
+    for run in sorted((out / "runs").glob("lr-*")):
+        folder = run / "stages" / "00-s90" / "model"
+        if folder.is_dir():
+            model, tok = load_model(str(folder), dtype="float32")
+            ppl = perplexity(model, tune_windows("stdlib-docs", tok, seqlen=128, windows=windows), batch_size=4)
+            rows.append(f"| {run.name} | {ppl:.1f} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -105,12 +122,15 @@ def main() -> int:
                         help="'auto', 'auto-N' (N probe tokens per candidate) and/or fixed lrs")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each OMP_NUM_THREADS threads)")
     parser.add_argument("--report", action="store_true", help="print the table of finished runs; run nothing")
+    parser.add_argument("--tune-ppl", action="store_true", help="also score each finished model on the tune windows")
     args = parser.parse_args()
     if not args.report:
         with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
             for lr, rc, seconds in pool.map(run_one, [args.out] * len(args.runs), args.runs):
                 print(f"lr-{lr}: exit {rc} after {seconds:.0f} s", flush=True)
     print(report(args.out))
+    if args.tune_ppl:
+        print("\n" + tune_ppl(args.out))
     return 0
 
 
