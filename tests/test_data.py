@@ -20,9 +20,17 @@ from sparsegpt.core.errors import UserError
 PARAGRAPHS = [f"Paragraph {i}: the quick brown fox number {i} jumps over {i % 7} lazy dogs." for i in range(400)]
 
 
+def bucket(doc: str) -> int:
+    """Reference split rule, written out independently of the module: 0 validation (= test), 1 tune, else train."""
+    return int(hashlib.sha256(doc.encode("utf-8")).hexdigest()[:16], 16) % 10
+
+
 def is_validation(doc: str) -> bool:
-    """Reference split rule, written out independently of the module."""
-    return int(hashlib.sha256(doc.encode("utf-8")).hexdigest()[:16], 16) % 10 == 0
+    return bucket(doc) == 0
+
+
+def is_train(doc: str) -> bool:
+    return bucket(doc) > 1
 
 
 def ids_of(tokenizer, text: str) -> torch.Tensor:
@@ -45,21 +53,25 @@ def test_stdlib_docs_is_large_and_split_by_stable_hash():
     assert sum(map(len, docs)) >= 1_500_000
     assert len(set(docs)) == len(docs)
     validation = [d for d in docs if is_validation(d)]
-    train = [d for d in docs if not is_validation(d)]
-    assert 0.05 < len(validation) / len(docs) < 0.15
+    tune = [d for d in docs if bucket(d) == 1]
+    train = [d for d in docs if is_train(d)]
+    assert 0.05 < len(validation) / len(docs) < 0.15 and 0.05 < len(tune) / len(docs) < 0.15
     assert load_text("stdlib-docs", "train") == "\n\n".join(train)
+    assert load_text("stdlib-docs", "tune") == "\n\n".join(tune)
     assert load_text("stdlib-docs", "validation") == "\n\n".join(validation)
     assert load_text("stdlib-docs", "test") == load_text("stdlib-docs", "validation")
 
 
 def test_stdlib_docs_identical_across_processes():
     code = ("import hashlib; from sparsegpt.core.data import load_text; "
-            "print(hashlib.sha256(load_text('stdlib-docs', 'train').encode()).hexdigest())")
+            "print(hashlib.sha256((load_text('stdlib-docs', 'train') + '|' + load_text('stdlib-docs', 'tune'))"
+            ".encode()).hexdigest())")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2")]  # in parallel
     digests = [proc.communicate()[0].strip() for proc in procs]
     assert all(proc.returncode == 0 for proc in procs)
-    assert digests == [hashlib.sha256(load_text("stdlib-docs", "train").encode()).hexdigest()] * 2
+    both = load_text("stdlib-docs", "train") + "|" + load_text("stdlib-docs", "tune")
+    assert digests == [hashlib.sha256(both.encode()).hexdigest()] * 2
 
 
 def test_stdlib_calibration_windows_come_from_train_split(tiny_tokenizer):
@@ -71,15 +83,36 @@ def test_stdlib_calibration_windows_come_from_train_split(tiny_tokenizer):
 
 def test_txt_split_partitions_paragraphs(txt_file):
     train, validation = load_text(str(txt_file), "train"), load_text(str(txt_file), "validation")
-    assert train == "\n\n".join(p for p in PARAGRAPHS if not is_validation(p))
+    assert train == "\n\n".join(p for p in PARAGRAPHS if is_train(p))
     assert validation == "\n\n".join(p for p in PARAGRAPHS if is_validation(p))
     assert validation and load_text(str(txt_file), "test") == validation
+    assert load_text(str(txt_file), "tune") == "\n\n".join(p for p in PARAGRAPHS if bucket(p) == 1)
+
+
+@pytest.mark.parametrize("source", ["stdlib-docs", "debian-licenses", "file"])
+def test_tune_split_is_disjoint_and_train_only_lost_it(source, txt_file):
+    """Documents: tune, validation (= test) and train partition the source; train is the rule before `tune`
+    (sha256 % 10 != 0) minus exactly the tune documents, in the same order; a second read gives the same."""
+    if source == "debian-licenses" and not data.LICENSES_DIR.is_dir():
+        pytest.skip("no /usr/share/common-licenses on this system")
+    docs = {"stdlib-docs": data._stdlib_docs, "debian-licenses": data._license_docs,
+            "file": lambda: data._file_docs(txt_file)}[source]()
+    split = {name: data._split_docs(docs, name) for name in ("train", "tune", "validation", "test")}
+    assert split["tune"] and split["validation"] and split["test"] == split["validation"]
+    assert sorted(split["train"] + split["tune"] + split["validation"]) == sorted(docs)
+    assert not set(split["tune"]) & (set(split["train"]) | set(split["validation"]))
+    assert not set(split["train"]) & set(split["validation"])
+    tune = set(split["tune"])
+    assert split["train"] == [d for d in docs if not is_validation(d) and d not in tune]
+    assert split == {name: data._split_docs(docs, name) for name in split}
+    if source == "file":
+        assert load_text(str(txt_file), "tune") == "\n\n".join(split["tune"])
 
 
 def test_jsonl_uses_text_field(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps({"text": p, "id": i}) for i, p in enumerate(PARAGRAPHS)) + "\n\n")
-    assert load_text(str(path), "train") == "\n\n".join(p for p in PARAGRAPHS if not is_validation(p))
+    assert load_text(str(path), "train") == "\n\n".join(p for p in PARAGRAPHS if is_train(p))
 
 
 @pytest.mark.parametrize("line, needle", [('{"txt": "a"}', "no string field 'text'"), ("{oops", "not valid JSON")])
@@ -178,6 +211,10 @@ def test_wikitext2_and_ptb_follow_reference_joins(fake_hub):
     assert load_text("ptb", "validation") == "validation line 0 validation line 1 validation line 2"
     assert calls[0] == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", None)
     assert calls[2] == ("ptb-text-only/ptb_text_only", "penn_treebank", "validation", None)
+    # tune = validation (evaluation reads test), joined as evaluation text is
+    assert load_text("wikitext2", "tune") == "validation line 0\n\nvalidation line 1\n\nvalidation line 2"
+    assert load_text("ptb", "tune") == "validation line 0 validation line 1 validation line 2"
+    assert [c[2] for c in calls[3:]] == ["validation", "validation"]
 
 
 def test_c4_protocol(fake_hub, tiny_tokenizer):
@@ -188,6 +225,8 @@ def test_c4_protocol(fake_hub, tiny_tokenizer):
     assert all(any(contains_window(ids, row) for ids in long_docs) for row in calib)
     assert calls[0][3] == {"train": "en/c4-train.00000-of-01024.json.gz"}
     assert load_text("c4", "test") == " ".join(docs[:1100])
+    assert load_text("c4", "tune") == " ".join(docs[1100:])  # validation documents evaluation never reads
+    assert calls[-1][3] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}
     assert calls[-1][3] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}
     windows = eval_ids("c4", tiny_tokenizer, seqlen=8)
     assert windows.shape == (256, 8)
@@ -234,7 +273,9 @@ def test_debian_licenses_are_distinct_paragraphs_split_by_stable_hash(tmp_path, 
     try:
         assert list(data._license_docs()) == docs  # each paragraph once, symlink skipped, file order
         train, validation = data._split_docs(docs, "train"), data._split_docs(docs, "validation")
-        assert sorted(train + validation) == sorted(docs) and not set(train) & set(validation)
+        tune = data._split_docs(docs, "tune")
+        assert sorted(train + tune + validation) == sorted(docs) and not set(train) & set(validation)
+        assert load_text("debian-licenses", "tune") == "\n\n".join(tune)
         assert load_text("debian-licenses", "validation") == "\n\n".join(validation)
         assert load_text("debian-licenses", "test") == load_text("debian-licenses", "validation")
         check_source("debian-licenses")
@@ -293,3 +334,9 @@ def test_stdlib_corpus_is_cached_on_disk_keyed_by_its_inputs(tmp_path, monkeypat
         assert data._stdlib_docs() == built and len(builds) == 2 and len(list((tmp_path / "corpora").iterdir())) == 2
     finally:
         data._stdlib_docs.cache_clear()
+
+
+def test_c4_tune_needs_validation_documents_beyond_the_evaluated_ones(fake_hub, monkeypatch):
+    monkeypatch.setattr(data, "C4_EVAL_DOCS", 1500)  # the fake shard holds 1500: none left to tune on
+    with pytest.raises(UserError, match="c4 validation has 1500 documents; its tune split needs more than 1500"):
+        load_text("c4", "tune")

@@ -142,7 +142,8 @@ NOT_IN_RECIPE = {
 NOT_IN_CONFIG = {
     PruneSettings: {"nsamples", "seqlen",                        # size the calibration data (an argument)
                     "stream"},                                   # how the scheduler holds the model (streaming)
-    FinetuneSettings: {"tokens", "warmup_ratio", "seqlen"},      # become steps / warmup_steps / the data's shape
+    FinetuneSettings: {"tokens", "warmup_ratio", "seqlen",      # become steps / warmup_steps / the data's shape
+                       "lr_search"},                             # how the scheduler resolves lr: auto to a float
     KDSettings: {"teacher"},                                     # which model is loaded as the teacher
     LoraSection: set(),
 }

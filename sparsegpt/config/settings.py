@@ -144,14 +144,71 @@ class LoraSection(_Strict):
     targets: list[str] | None = None
 
 
+def _lr(value: Any) -> Any:
+    """A learning rate > 0, or "auto" (chosen per stage on the tune split: `LrSearchSettings`)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{value} is neither a learning rate (e.g. 1e-4) nor 'auto'")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is neither a learning rate (e.g. 1e-4) nor 'auto'") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+        raise ValueError(f"Input should be greater than 0 (got {value!r})")
+    return value
+
+
+DEFAULT_LR_CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3)
+
+
+class LrSearchSettings(_Strict):
+    """How `lr: auto` chooses a stage's lr (sparsegpt/run/lr_search.py): for each candidate, a probe fine-tunes
+    the stage's starting model for `tokens` train tokens (rounded up to whole optimizer steps; None = an eighth of
+    the stage's steps, at least one) with the stage's settings and its warm-up/schedule scaled to the probe, then
+    scores perplexity on `windows` windows of the fine-tuning source's tune split; the lowest wins (ties: the
+    smaller lr)."""
+
+    candidates: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = \
+        Field(default_factory=lambda: list(DEFAULT_LR_CANDIDATES))
+    tokens: int | None = Field(None, ge=1)
+    windows: int = Field(16, ge=1)
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, values: list[float]) -> list[float]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"candidates {values} repeat a value; list each lr once")
+        return sorted(values)
+
+    def probe_steps(self, stage_steps: int, tokens_per_step: int) -> int:
+        """Optimizer steps of each probe: `tokens` rounded up to whole steps, or an eighth of the stage's (>= 1)."""
+        if self.tokens is None:
+            return max(1, round(stage_steps / 8))
+        steps = math.ceil(self.tokens / tokens_per_step)
+        if steps > stage_steps:
+            raise UserError(f"lr_search.tokens {self.tokens} is more than the stage's {stage_steps} steps x "
+                            f"{tokens_per_step} tokens; give at most {stage_steps * tokens_per_step} (a fraction)")
+        return steps
+
+    def cost(self, stage_steps: int, tokens_per_step: int) -> str:
+        """What the probes cost, in words: candidates x probe steps as a fraction of the stage's steps."""
+        steps = self.probe_steps(stage_steps, tokens_per_step)
+        return (f"{len(self.candidates)} x {steps} steps ({steps * tokens_per_step} tokens) = "
+                f"{len(self.candidates) * steps / stage_steps:.0%} of the stage's {stage_steps} steps")
+
+
 class FinetuneSettings(_Strict):
-    """Mask-preserving fine-tuning of one stage: `steps` or `tokens` (0 = none), optimiser, KD, LoRA."""
+    """Mask-preserving fine-tuning of one stage: `steps` or `tokens` (0 = none), optimiser, KD, LoRA.
+    `lr: auto` chooses the lr per stage on the tune split (`lr_search` says how; None = the defaults)."""
 
     EXCLUSIVE: ClassVar = (("steps", "tokens"), ("warmup_steps", "warmup_ratio"))
 
     steps: int | None = Field(None, ge=0)
     tokens: int | None = Field(None, ge=0)
-    lr: float = Field(1e-4, gt=0)
+    lr: Annotated[float | Literal["auto"], BeforeValidator(_lr)] = 1e-4
+    lr_search: LrSearchSettings | None = None
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float | None = Field(None, ge=0, lt=1)
@@ -169,7 +226,15 @@ class FinetuneSettings(_Strict):
         for a, b in self.EXCLUSIVE:
             if getattr(self, a) is not None and getattr(self, b) is not None:
                 raise ValueError(f"give {a} or {b}, not both")
+        if self.lr_search is not None and self.lr != "auto":
+            raise ValueError(f"lr_search is set but lr is {self.lr:g}; use lr: auto, or drop lr_search "
+                             "(a stage that sets its own lr: lr_search: null)")
         return self
+
+    @property
+    def search(self) -> LrSearchSettings | None:
+        """The lr search this stage runs: None for a fixed lr, else `lr_search` or its defaults."""
+        return None if self.lr != "auto" else self.lr_search or LrSearchSettings()
 
     def num_steps(self, world_size: int, *, micro_batch_size: int, grad_accum: int,
                   seqlen: int | None = None) -> int:

@@ -3,7 +3,8 @@ process SIGNAL (default SIGKILL) the n-th time (default 1st) execution passes `f
 only on rank RANK (the preemption tests: a real SIGTERM/SIGUSR1/SIGINT/SIGSTOP at a known step). Unset (always,
 outside tests) it costs one dict lookup.
 
-Points: prune/layer (after a decoder layer is pruned), finetune/step (after an optimizer step),
+Points: prune/layer (after a decoder layer is pruned), finetune/step (after an optimizer step), finetune/lr-search
+(after an `lr: auto` candidate's probe is recorded),
 save/before-rename (an HF folder fully written but not yet renamed into place), save/between-renames (a replaced
 folder parked aside, the new one not yet renamed in).
 """

@@ -236,11 +236,17 @@ def _stage_row(stage: ResolvedStage, recipe: Recipe, estimates: dict) -> list[st
     else:
         steps = f.num_steps(estimates["world_size"], micro_batch_size=d.micro_batch_size, grad_accum=d.grad_accum,
                             seqlen=estimates["default_seqlen"])
-        finetune = f"{steps} steps lr {f.lr:g} {f.schedule}"
+        finetune = f"{steps} steps lr {f.lr:g} {f.schedule}" if f.search is None else \
+            f"{steps} steps lr auto (probes {f.search.cost(steps, _tokens_per_step(stage, d, estimates))}) {f.schedule}"
         finetune += f" +KD({f.kd.teacher})" if f.kd else ""
         finetune += f" +LoRA(r{f.lora.r})" if f.lora else ""
     hooks = ", ".join(h["type"] + (f"({h['source']})" if "source" in h else "") for h in stage.eval.hooks)
     return [str(stage.index), stage.name, str(stage.target), prune, finetune, f"{'+'.join(stage.eval.phases)}: {hooks}"]
+
+
+def _tokens_per_step(stage: ResolvedStage, d, estimates: dict) -> int:
+    seqlen = stage.finetune.seqlen or stage.prune.seqlen or estimates["default_seqlen"]
+    return d.micro_batch_size * d.grad_accum * estimates["world_size"] * seqlen
 
 
 def format_plan(recipe: Recipe, estimates: dict) -> str:

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 from sparsegpt.config.recipe import Recipe
 from sparsegpt.core.data import check_source, default_seqlen, train_tokens
 from sparsegpt.core.errors import UserError
+from sparsegpt.run.lr_search import check_search
 from sparsegpt.run.rundir import RunDir
 from sparsegpt.storage.models import check_model, resolve_model_path
 
@@ -65,6 +66,8 @@ def check_data(recipe: Recipe, world_size: int) -> None:
                 raise UserError(f"stages[{stage.index}].finetune: {data.finetune} train has {rows} blocks of "
                                 f"{ft_seqlen} tokens but one optimizer step needs {need} (micro_batch_size x "
                                 "grad_accum x processes); use more text, a shorter seqlen or smaller batches")
+    check_search(recipe, tok, world_size=world_size,
+                 seqlen_of=lambda s: s.finetune.seqlen or s.prune.seqlen or default_seqlen(config))
 
 
 def on_main_then_everywhere(accelerator: Accelerator, check: Callable[[], None]) -> None:

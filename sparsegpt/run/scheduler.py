@@ -59,6 +59,7 @@ from sparsegpt.heal.lora import LoraSettings
 from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.prune.streaming import prune_streamed
 from sparsegpt.run.compare import flatten_for_trackers, format_stage_table
+from sparsegpt.run.lr_search import LR_SEARCH_FILE, Heal, search_lr, search_summary
 from sparsegpt.run.memory import plan_for
 from sparsegpt.run.preflight import check_data, check_inputs, check_shared, on_main_then_everywhere
 from sparsegpt.run.rundir import Phase, RunDir, RunState
@@ -224,6 +225,8 @@ class Scheduler:
                   "world": {"size": results.world_size, "eval_shares": results.shares, **_prune_shares(folder)}}
         if results.errors:
             record["errors"] = results.errors
+        if phase == "finetuned" and (search := search_summary(self._dir(stage))) is not None:
+            record["lr_search"] = search
         self.rd.append_metrics(record)
         if self.recipe.trackers:  # one tracker step per evaluation, in run order
             self.acc.log(flatten_for_trackers(record), step=2 * stage.index + (phase == "finetuned"))
@@ -231,8 +234,20 @@ class Scheduler:
 
     @torch_linear_kept()  # zero.Init leaves F.linear patched: later prunes and evaluations must not see it
     def finetune(self, stage: ResolvedStage) -> None:
-        """Every rank: fine-tune the pruned model with its mask held; the main process saves stages/NN-NAME/model."""
+        """Every rank: fine-tune the pruned model with its mask held (`lr: auto`: the lr searched first, on the tune
+        split, by probes that load their own copies); the main process saves stages/NN-NAME/model."""
         self._release()
+        lr = search_lr(self.acc, self._dir(stage), stage, lambda c: self._heal_inputs(stage, c),
+                       self.recipe.data.finetune) if stage.finetune.lr == "auto" else stage.finetune.lr
+        model, tok, masks, data, teacher, cfg = self._heal_inputs(stage, lr)
+        finetune(model, data, masks, cfg, accelerator=self.acc, teacher=teacher, ckpt_dir=self._dir(stage) / "ckpt")
+        save_finetuned(self.acc, model, tok, masks, self._dir(stage) / "model")
+        self.acc.free_memory()
+        del model, teacher
+        gc.collect()
+
+    def _heal_inputs(self, stage: ResolvedStage, lr: float) -> Heal:
+        """The stage's pruned model (sharded as fine-tuning wants it), mask, train blocks, teacher, config at `lr`."""
         pruned = self._dir(stage) / "pruned"
         model, tok = self._load(pruned, sharded=True)
         masks = MaskSet.load(pruned / "mask.safetensors")
@@ -243,12 +258,8 @@ class Scheduler:
         if f.kd is not None and (f.kd.logit_weight or f.kd.hidden_weight):
             source = {"dense": None, "previous": self._input_dir(stage)}.get(f.kd.teacher, f.kd.teacher)
             teacher, _ = self._load(source or self._dense_path(), sharded=True)
-        cfg = finetune_config(stage, self.recipe, world_size=self.acc.num_processes, seqlen=seqlen)
-        finetune(model, data, masks, cfg, accelerator=self.acc, teacher=teacher, ckpt_dir=self._dir(stage) / "ckpt")
-        save_finetuned(self.acc, model, tok, masks, self._dir(stage) / "model")
-        self.acc.free_memory()
-        del model, teacher
-        gc.collect()
+        cfg = finetune_config(stage, self.recipe, world_size=self.acc.num_processes, seqlen=seqlen, lr=lr)
+        return Heal(model, tok, masks, data, teacher, cfg)
 
     def complete(self, stage: ResolvedStage) -> None:
         """Make the stage's model final (a stage without fine-tuning promotes its pruned model) and clean up."""
@@ -265,7 +276,7 @@ class Scheduler:
         if packed.exists() and not model.exists():
             os.replace(packed, model)
         for leftover in sdir.iterdir():  # the pruned copy, checkpoints, temp folders of killed writes
-            if leftover.name != "model":
+            if leftover.name not in ("model", LR_SEARCH_FILE):
                 shutil.rmtree(leftover, ignore_errors=True)
         print(format_stage_table(self.rd.read_metrics()) if self.rd.metrics_path.exists() else
               f"stage {stage.name} complete (no evaluations)", flush=True)
@@ -344,15 +355,19 @@ def prune_config(stage: ResolvedStage) -> PruneConfig:
                         prune_m=stage.prune_m)
 
 
-def finetune_config(stage: ResolvedStage, recipe: Recipe, *, world_size: int, seqlen: int) -> FinetuneConfig:
-    """The trainer's config for a stage: tokens and warmup_ratio become steps; the seed is recipe seed + index."""
+def finetune_config(stage: ResolvedStage, recipe: Recipe, *, world_size: int, seqlen: int,
+                    lr: float | None = None) -> FinetuneConfig:
+    """The trainer's config for a stage: tokens and warmup_ratio become steps; the seed is recipe seed + index;
+    `lr` (required when the stage says `lr: auto`) replaces the recipe's."""
     f, d = stage.finetune, recipe.distributed
+    if (lr := f.lr if lr is None else lr) == "auto":
+        raise ValueError(f"stage {stage.name} has lr: auto; resolve it (lr_search.search_lr) and pass lr")
     steps = f.num_steps(world_size, micro_batch_size=d.micro_batch_size, grad_accum=d.grad_accum, seqlen=seqlen)
     warmup = f.warmup_steps if f.warmup_ratio is None else round(f.warmup_ratio * steps)
     # no checkpoint after the last step: the stage model is saved right after it (a kill in between redoes the
     # steps since the previous checkpoint, bit for bit), and a 13B checkpoint is ~150 GB written to be deleted
     return to_dataclass(FinetuneConfig, f, steps=steps, warmup_steps=warmup or 0, seed=recipe.seed + stage.index,
-                        checkpoint_final=False,
+                        checkpoint_final=False, lr=lr,
                         micro_batch_size=d.micro_batch_size, grad_accum=d.grad_accum,
                         kd=to_dataclass(KDConfig, f.kd) if f.kd is not None else None,
                         lora=to_dataclass(LoraSettings, f.lora) if f.lora is not None else None)
