@@ -230,7 +230,7 @@ def test_dry_run_states_the_probe_cost(tiny_llama_dir, tmp_path):
 
 
 def test_finetune_config_needs_the_resolved_lr(tiny_llama_dir, tmp_path):
-    from sparsegpt.run.scheduler import finetune_config
+    from sparsegpt.run.configs import finetune_config
 
     recipe = load_recipe(write(tmp_path / "r.yaml", tiny_llama_dir))
     stage = recipe.resolved_stages()[0]

@@ -10,7 +10,7 @@ import torch
 from sparsegpt.config.recipe import Recipe
 from sparsegpt.core import precision
 from sparsegpt.core.precision import resolve_mixed_precision
-from sparsegpt.run.scheduler import with_mixed_precision
+from sparsegpt.run.configs import with_mixed_precision
 
 
 @pytest.fixture

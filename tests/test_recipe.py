@@ -11,7 +11,7 @@ import yaml
 from sparsegpt.config.recipe import FinetuneSettings, Recipe, Schedule, load_recipe
 from sparsegpt.core.errors import UserError
 from sparsegpt.heal.dsconfig import recipe_deepspeed_config as deepspeed_config
-from sparsegpt.run.scheduler import finetune_config
+from sparsegpt.run.configs import finetune_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 

@@ -35,30 +35,21 @@ from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig
 
 from sparsegpt.config.hooks import HOOKS, HookContext
-from sparsegpt.config.recipe import Recipe, ResolvedStage, load_recipe, to_dataclass
+from sparsegpt.config.recipe import Recipe, ResolvedStage, load_recipe
 from sparsegpt.core.atomic import recover_tree
 from sparsegpt.core.data import calibration_ids, default_seqlen, train_ids
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
-from sparsegpt.core.precision import resolve_mixed_precision
 from sparsegpt.core.signals import EXIT_PREEMPTED, Preempted
 from sparsegpt.core.world import World
 from sparsegpt.core.zero import torch_linear_kept, whole_models
 from sparsegpt.evaluate.runners import evaluate_hooks
 from sparsegpt.heal.checkpoint import save_finetuned
-from sparsegpt.heal.config import FinetuneConfig
-from sparsegpt.heal.distill import KDConfig
-from sparsegpt.heal.dsconfig import (
-    cpu_deepspeed_handlers,
-    deepspeed_plugin_from_config,
-    make_accelerator,
-    recipe_deepspeed_config,
-)
 from sparsegpt.heal.finetune import finetune
-from sparsegpt.heal.lora import LoraSettings
-from sparsegpt.prune.sequential import PruneConfig, prune_model
+from sparsegpt.prune.sequential import prune_model
 from sparsegpt.prune.streaming import prune_streamed
 from sparsegpt.run.compare import flatten_for_trackers, format_stage_table
+from sparsegpt.run.configs import build_accelerator, finetune_config, prune_config, with_mixed_precision
 from sparsegpt.run.lr_search import LR_SEARCH_FILE, Heal, search_lr, search_summary
 from sparsegpt.run.memory import plan_for
 from sparsegpt.run.preflight import check_data, check_inputs, check_shared, on_main_then_everywhere
@@ -348,52 +339,6 @@ def _short(metrics: dict) -> str:
 
 
 # -- the recipe's settings as the library's configs ---------------------------------------------------------------
-
-def prune_config(stage: ResolvedStage) -> PruneConfig:
-    """The driver's config for a stage: its prune settings plus its target."""
-    return to_dataclass(PruneConfig, stage.prune, sparsity=stage.sparsity, prune_n=stage.prune_n,
-                        prune_m=stage.prune_m)
-
-
-def finetune_config(stage: ResolvedStage, recipe: Recipe, *, world_size: int, seqlen: int,
-                    lr: float | None = None) -> FinetuneConfig:
-    """The trainer's config for a stage: tokens and warmup_ratio become steps; the seed is recipe seed + index;
-    `lr` (required when the stage says `lr: auto`) replaces the recipe's."""
-    f, d = stage.finetune, recipe.distributed
-    if (lr := f.lr if lr is None else lr) == "auto":
-        raise ValueError(f"stage {stage.name} has lr: auto; resolve it (lr_search.search_lr) and pass lr")
-    steps = f.num_steps(world_size, micro_batch_size=d.micro_batch_size, grad_accum=d.grad_accum, seqlen=seqlen)
-    warmup = f.warmup_steps if f.warmup_ratio is None else round(f.warmup_ratio * steps)
-    # no checkpoint after the last step: the stage model is saved right after it (a kill in between redoes the
-    # steps since the previous checkpoint, bit for bit), and a 13B checkpoint is ~150 GB written to be deleted
-    return to_dataclass(FinetuneConfig, f, steps=steps, warmup_steps=warmup or 0, seed=recipe.seed + stage.index,
-                        checkpoint_final=False, lr=lr,
-                        micro_batch_size=d.micro_batch_size, grad_accum=d.grad_accum,
-                        kd=to_dataclass(KDConfig, f.kd) if f.kd is not None else None,
-                        lora=to_dataclass(LoraSettings, f.lora) if f.lora is not None else None)
-
-
-def with_mixed_precision(recipe: Recipe) -> Recipe:
-    """The recipe with `mixed_precision: auto` replaced by what this hardware runs fast (logged); else unchanged.
-    The run dir records the picked value, so resuming where `auto` picks another precision is refused (another
-    precision is another run), not silently continued in different numerics."""
-    if recipe.distributed.mixed_precision != "auto":
-        return recipe
-    value, why = resolve_mixed_precision("auto", recipe.dtype)
-    log.info("mixed precision auto -> %s (%s)", value, why)
-    return recipe.model_copy(update={"distributed": recipe.distributed.model_copy(update={"mixed_precision": value})})
-
-
-def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
-    """An Accelerator whose DeepSpeed plugin (if any) is built from the recipe's `distributed` settings."""
-    dist = recipe.distributed
-    ds = recipe_deepspeed_config(recipe, int(os.environ.get("WORLD_SIZE", "1")))
-    plugin = deepspeed_plugin_from_config(ds, zero3_init=dist.zero_stage == 3) if ds is not None else None
-    kwargs = cpu_deepspeed_handlers(deepspeed=plugin is not None)  # + world.COLLECTIVE_TIMEOUT (NCCL's is 10 min)
-    return make_accelerator(mixed_precision=dist.mixed_precision, deepspeed_plugin=plugin,
-                       gradient_accumulation_steps=dist.grad_accum, kwargs_handlers=kwargs,
-                       log_with=list(recipe.trackers) or None, project_dir=str(run_dir / "trackers"))
-
 
 # -- entry --------------------------------------------------------------------------------------------------------
 
