@@ -59,7 +59,7 @@ def test_recipe_auto_is_resolved_logged_and_recorded_in_the_run_recipe(cpu_with,
     recipe = Recipe.model_validate({"name": "t", "model": "m", "data": {"calibration": "stdlib-docs"},
                                     "distributed": {"mixed_precision": "auto"},
                                     "defaults": {"finetune": {"steps": 1}}, "stages": [{"name": "a", "target": 0.5}]})
-    with caplog.at_level(logging.INFO, logger="sparsegpt.run.scheduler"):
+    with caplog.at_level(logging.INFO, logger="sparsegpt.run.configs"):
         resolved = with_mixed_precision(recipe)
     assert resolved.distributed.mixed_precision == "bf16"
     assert "mixed precision auto -> bf16 (CPU has amx_bf16)" in caplog.text
