@@ -7,8 +7,9 @@ and `malloc_trim` cannot return them all. A streamed pass of SmolLM2-135M then p
 above the imports, 0.53x with `MALLOC_MMAP_THRESHOLD_` set by hand (bench/prune/results_stream.md). Users do not
 set it, so the streamed pass sets the same policy itself through `mallopt` for its duration: buffers of at least
 1 MiB are mmapped and go back to the OS when freed, and the heap top is trimmed past 128 KiB (glibc's defaults
-before its dynamic adjustment); a `malloc_trim` first, since glibc mmaps only requests its free chunks cannot serve. glibc cannot switch its dynamic adjustment back on, so afterwards the thresholds are
-set to where it ends up in a process that frees large tensors (mmap 32 MiB, trim 64 MiB).
+before its dynamic adjustment), after a `malloc_trim`: glibc mmaps only what its free chunks cannot serve. glibc
+cannot switch its dynamic adjustment back on, so afterwards the thresholds are set to where it ends up in a process
+that frees large tensors (mmap 32 MiB, trim 64 MiB).
 """
 
 from __future__ import annotations
