@@ -14,6 +14,7 @@ from sparsegpt.prune._select import check_base_budget, check_nm_base, check_prun
 log = logging.getLogger(__name__)
 
 INNER_BLOCK = 16          # columns per rank-1 sub-block of the column loop (bench/prune/results_profile.md)
+GRAM_BLOCK = 128          # rows per GEMM of the Gram sums' upper block triangle (bench/prune/results_profile.md)
 DAMP_RETRIES = 4          # extra Cholesky attempts, each with 10x the damping
 FIRST_RETRY_PERCDAMP = 1e-4  # damping of the first retry when percdamp was 0
 
@@ -186,21 +187,27 @@ def prune_matrix(weight: Tensor, hessian: Tensor, sparsity: float, *, prune_n: i
                              base_mask=base_mask, dtype=dtype)
 
 
-def add_gram_(total: Tensor, x: Tensor) -> Tensor:
+def add_gram_(total: Tensor, x: Tensor, *, block: int = GRAM_BLOCK) -> Tensor:
     """total += Σ_t x_t x_tᵀ over the tokens of x (..., seqlen, cols) in place; total is float64 (cols, cols).
 
-    One matrix product per sequence (each slice along the leading dims; a 2-D x is one sequence) in x's dtype
-    widened to at least float32, each added to the float64 total. A sequence's product depends only on that
-    sequence, so the total does not depend on how sequences are batched or split over ranks beyond float64
-    rounding — as summing float64 copies of x did, at half the GEMM cost (float64 GEMMs run at half the float32
-    rate and need the copy). A float32 product over s tokens is within ~s·2⁻²⁴ of exact (relative to Σ|x||x|);
-    H is cast to float32 for the solve anyway."""
+    One product per sequence (each slice along the leading dims; a 2-D x is one sequence) in x's dtype widened to at
+    least float32, added to the float64 total sequence by sequence. Only the upper block triangle is multiplied
+    (one GEMM per `block` rows: about half the FLOPs) and the lower triangle is then copied from the upper one. A
+    sequence's product depends only on that sequence, so the total does not depend on how sequences are batched
+    (bit for bit) or split over ranks (up to the float64 order of the rank sums) — as summing float64 copies of x
+    did, at a quarter of its cost (float64 GEMMs run at half the float32 rate and need the copy). A float32
+    product over s tokens is within ~s·2⁻²⁴ of exact (relative to Σ|x||x|); H is cast to float32 for the solve."""
     cols = x.shape[-1]
     compute = torch.promote_types(x.dtype, torch.float32)
-    part = torch.empty((cols, cols), dtype=compute, device=x.device)
+    starts = range(0, cols, block)
     for seq in x.reshape(-1, x.shape[-2], cols) if x.ndim > 2 else x.unsqueeze(0):
         seq = seq.to(compute)
-        total.add_(torch.mm(seq.t(), seq, out=part))
+        for b in starts:
+            total[b:b + block, b:].add_(seq[:, b:b + block].t() @ seq[:, b:])
+    for b in starts:  # lower := upperᵀ, a block at a time (no cols² temporary)
+        diag = total[b:b + block, b:b + block]
+        diag.copy_(diag.triu() + diag.triu(1).t())
+        total[b + block:, b:b + block].copy_(total[b:b + block, b + block:].t())
     return total
 
 
