@@ -9,7 +9,7 @@ same machine load; a checkout whose pass has fewer timers reports those it has (
 sums; its factorizations are timed by wrapping `inverse_hessian_factor`).
 
 example (what bench/prune/results_profile.md was made with; its header has the exact command):
-  python bench/prune/profile.py --model smollm2-135m --nsamples 32 --seqlen 512 --baseline /tmp/main-old \\
+  python bench/prune/pass_profile.py --model smollm2-135m --nsamples 32 --seqlen 512 --baseline /tmp/main-old \\
       --out bench/prune/results_profile.md
 """
 
@@ -23,10 +23,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-# Run as a script, this folder is sys.path[0] and this file would shadow the standard library's `profile` (which
-# cProfile, imported by torch and transformers, imports): drop the folder.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 PHASES = [("capture", "capture forward"), ("forward-hessian", "layer forwards (dense, with hooks)"),
           ("hessian", "Hessian sums Σxxᵀ"), ("communication", "communication"),
@@ -59,7 +55,7 @@ def child(args) -> dict:
         sequential.inverse_hessian_factor = wrapped
     model, tokenizer = load_model(args.model, dtype="float32")
     calib = calibration_ids(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    cfg = sequential.PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size)
+    cfg = sequential.PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, dtype=args.solver_dtype)
     load = os.getloadavg()[0]
     result = sequential.prune_model(model, calib, cfg)
     seconds = dict(result.world["ranks"][0]["seconds"])
@@ -105,10 +101,10 @@ def report(args, started: datetime.datetime, cpu: str, runs: dict[str, list[dict
              f"{args.threads}; load average (1 min) before / after each run: "
              + "; ".join(f"{n}: " + ", ".join(f"{r['load_before']:.1f}/{r['load_after']:.1f}" for r in rows)
                          for n, rows in runs.items()),
-             f"- model `{args.model}` (float32), SparseGPT {args.sparsity}, calibration {args.calib} "
+             f"- model `{args.model}` (float32), SparseGPT {args.sparsity} (solver {args.solver_dtype}), calibration {args.calib} "
              f"{args.nsamples} × {args.seqlen} (batch {args.batch_size}, seed {args.seed}), 1 process; perplexity on "
              f"the validation split of {', '.join(args.eval_sources)} ({args.eval_windows} × {args.seqlen})",
-             f"- command: `python bench/prune/profile.py {' '.join(a for a in sys.argv[1:])}`",
+             f"- command: `python bench/prune/pass_profile.py {' '.join(a for a in sys.argv[1:])}`",
              "- seconds are means over the runs of each checkout (alternated, so both saw the same load); '–': that "
              "checkout's pass has no timer for the phase (its time is inside another line)", "",
              "| phase | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -137,6 +133,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--eval-sources", nargs="*", default=["stdlib-docs", "debian-licenses"])
     p.add_argument("--eval-windows", type=int, default=16)
