@@ -101,7 +101,8 @@ def report(args, started: datetime.datetime, cpu: str, runs: dict[str, list[dict
              f"{args.threads}; load average (1 min) before / after each run: "
              + "; ".join(f"{n}: " + ", ".join(f"{r['load_before']:.1f}/{r['load_after']:.1f}" for r in rows)
                          for n, rows in runs.items()),
-             f"- model `{args.model}` (float32), SparseGPT {args.sparsity} (solver {args.solver_dtype}), calibration {args.calib} "
+             f"- model `{args.model}` (float32), SparseGPT {args.sparsity} (solver {args.solver_dtype}), "
+             f"calibration {args.calib} "
              f"{args.nsamples} × {args.seqlen} (batch {args.batch_size}, seed {args.seed}), 1 process; perplexity on "
              f"the validation split of {', '.join(args.eval_sources)} ({args.eval_windows} × {args.seqlen})",
              f"- command: `python bench/prune/pass_profile.py {' '.join(a for a in sys.argv[1:])}`",
