@@ -9,6 +9,7 @@ import torch
 from sparsegpt.core.errors import UserError
 from sparsegpt.prune.baselines import magnitude_prune, wanda_prune
 from sparsegpt.prune.solver import (
+    add_gram_,
     inverse_hessian_factor,
     prune_group_with_factor,
     prune_matrix,
@@ -256,3 +257,22 @@ def test_bad_inputs_raise_user_error(kwargs, match):
     args = dict(weight=W8, hessian=H8, sparsity=0.5) | kwargs
     with pytest.raises(UserError, match=match):
         prune_matrix(args.pop("weight"), args.pop("hessian"), args.pop("sparsity"), **args)
+
+
+def test_gram_sums_per_sequence_match_float64_and_ignore_batching():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 40, 24, generator=g) * torch.logspace(-1, 1, 24)
+    reference = sum(s.double().T @ s.double() for s in x)
+    whole = add_gram_(torch.zeros(24, 24, dtype=torch.float64), x, block=5)  # upper block rows of 5, 5, ..., 4
+    torch.testing.assert_close(whole, reference, rtol=1e-6, atol=1e-6 * reference.abs().max().item())
+    assert torch.equal(whole, whole.T)
+    one_block = add_gram_(torch.zeros(24, 24, dtype=torch.float64), x)
+    torch.testing.assert_close(one_block, reference, rtol=1e-6, atol=1e-6 * reference.abs().max().item())
+    batched = torch.zeros(24, 24, dtype=torch.float64)
+    for batch in x.split(4):  # batches of 4 and 2 sequences, in order: bit for bit the same sums
+        add_gram_(batched, batch, block=5)
+    assert torch.equal(batched, whole)
+    flat = add_gram_(torch.zeros(24, 24, dtype=torch.float64), x[0])  # a 2-D input is one sequence
+    assert torch.equal(flat, add_gram_(torch.zeros(24, 24, dtype=torch.float64), x[:1]))
+    wide = add_gram_(torch.zeros(24, 24, dtype=torch.float64), x.double())  # float64 inputs: float64 products
+    torch.testing.assert_close(wide, reference, rtol=1e-12, atol=0.0)

@@ -5,7 +5,8 @@ the model's exact zeros. Output: a Hugging Face folder (safetensors) with mask.s
 
 Single process, or any accelerate setup (DDP, DeepSpeed ZeRO-2/3, CPU offload) via `accelerate launch`; each
 recipes/accelerate/*.yaml header gives its GPU and CPU command. Precision is the launch's --mixed_precision
-(the ZeRO configs' DeepSpeed JSON fills its "auto" bf16/fp16 from it; default no = fp32). Checkpoints
+(the ZeRO configs' DeepSpeed JSON fills its "auto" bf16/fp16 from it; default no = fp32); --dtype bfloat16/float16
+needs DeepSpeed ZeRO (float32 master weights), else use float32 weights under --mixed_precision bf16. Checkpoints
 (--ckpt-dir) must be on a filesystem every process shares: each rank loads its own files from them.
 
 examples:
@@ -28,6 +29,7 @@ from pathlib import Path
 from sparsegpt.core.data import check_source, default_seqlen, train_ids
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
+from sparsegpt.core.precision import check_master_weights
 from sparsegpt.heal.checkpoint import save_finetuned
 from sparsegpt.heal.config import FinetuneConfig
 from sparsegpt.heal.distill import KDConfig
@@ -35,7 +37,7 @@ from sparsegpt.heal.dsconfig import cpu_deepspeed_handlers, make_accelerator
 from sparsegpt.heal.finetune import finetune
 from sparsegpt.heal.lora import LoraSettings
 from sparsegpt.storage.compact import folder_masks
-from sparsegpt.storage.models import check_model, load_for_training, resolve_model_path
+from sparsegpt.storage.models import DTYPES, check_model, load_for_training, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     # The Accelerator first: under a ZeRO-3 config with zero3_init_flag (recipes/accelerate/zero3*.yaml) it makes
     # from_pretrained build student and teacher straight into each rank's partition (`zero.loads_sharded`).
     accelerator = make_accelerator(kwargs_handlers=cpu_deepspeed_handlers())  # + the collective timeout
+    if args.dtype in DTYPES and not args.lora:  # before loading; finetune() checks what "auto" and LoRA give
+        plugin = accelerator.state.deepspeed_plugin
+        check_master_weights({DTYPES[args.dtype]}, zero_stage=plugin.zero_stage if plugin else -1,
+                             mixed_precision=accelerator.mixed_precision)
     model, tokenizer = load_for_training(args.model, accelerator, dtype=args.dtype)
     teacher = load_for_training(args.kd, accelerator, dtype=args.dtype)[0] if args.kd else None
     saved = folder_masks(resolve_model_path(args.model))

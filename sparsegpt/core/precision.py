@@ -4,6 +4,12 @@ CUDA GPUs with bf16 (Ampere and later) and x86 CPUs with AMX-BF16 or AVX512-BF16
 fp32. Other CPUs emulate them: on an AMD EPYC with neither (bench/RESULTS.md, 2026-12-01) a SmolLM2-135M training
 step under bf16 autocast ran 16× slower than in fp32, so `auto` keeps fp32 there. A recipe whose weights are
 stored in bfloat16 or float16 gets the matching autocast (the only ones its dtype allows).
+
+Half-precision weights are trained only where float32 master weights exist (`check_master_weights`): under
+DeepSpeed ZeRO 1-3 (or stage 0 with its own bf16). Without DeepSpeed the combination is refused rather than given
+a master copy here: bf16 weights, gradients, fp32 master and Adam moments cost 2 + 2 + 4 + 8 bytes per weight, fp32
+weights and gradients under bf16 autocast 4 + 4 + 8 with the same bf16 matmuls: the alternative costs the same,
+is exact, and needs no second copy for mask enforcement and checkpoints to keep in step.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import functools
 from pathlib import Path
 
 import torch
+
+from sparsegpt.core.errors import UserError
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = Path("/proc/cpuinfo")
@@ -47,3 +55,22 @@ def resolve_mixed_precision(value: str, dtype: str) -> tuple[str, str]:
         return ("bf16" if dtype == "bfloat16" else "fp16"), f"the weights are {dtype}"
     ok, why = native_bf16()
     return ("bf16" if ok else "no"), why
+
+
+HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def check_master_weights(dtypes: set[torch.dtype], *, zero_stage: int, mixed_precision: str) -> None:
+    """UserError unless every optimizer update lands in float32: half-precision trainable weights are stepped
+    in place by a plain optimizer, so an update below half an ulp of the weight (bf16: 2^-8 relative) rounds away
+    and training stalls without a sign. DeepSpeed keeps float32 masters under ZeRO 1-3, and at stage 0 only when
+    its own bf16/fp16 is on (`mixed_precision` matching the weights); `zero_stage` -1 means no DeepSpeed."""
+    half = sorted(HALF[d] for d in dtypes if d in HALF)
+    if not half or zero_stage >= 1:
+        return
+    if zero_stage == 0 and mixed_precision == {"bfloat16": "bf16", "float16": "fp16"}[half[0]]:
+        return
+    where = "DeepSpeed without ZeRO and without its matching mixed precision" if zero_stage == 0 else "no DeepSpeed"
+    raise UserError(f"{half[0]} trainable weights with {where} would train with no float32 master copy (small "
+                    "updates round away silently); load float32 weights (--dtype float32 / recipe dtype: float32) "
+                    "and train under mixed precision bf16, or use DeepSpeed ZeRO 1-3, which keeps float32 masters")

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.failpoints import failpoint
 from sparsegpt.core.masks import MaskSet
+from sparsegpt.core.precision import check_master_weights
 from sparsegpt.core.signals import Preempted, stop_point
 from sparsegpt.core.world import World
 from sparsegpt.heal.checkpoint import resume, save_checkpoint
@@ -142,6 +143,7 @@ def finetune(model: nn.Module, train_ids: Tensor, masks: MaskSet, cfg: FinetuneC
         _enable_checkpointing(model)
     accelerator.gradient_accumulation_steps = cfg.grad_accum
     params = [p for p in trainable.parameters() if p.requires_grad]
+    check_master_weights({p.dtype for p in params}, zero_stage=stage, mixed_precision=accelerator.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, optimizer = accelerator.prepare(trainable, optimizer)
     # after prepare: the hooks' masks take the weights' final device and dtype

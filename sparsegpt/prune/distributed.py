@@ -15,18 +15,21 @@ on one rank only (capture, a solve) is followed by `agree`, so a failure on any 
 leaving the others waiting in a collective. A world of one takes no collective at all: the pass is bit for bit
 the single-process one.
 
-Precision: every Σxxᵀ (and OWL's Σx²) is accumulated in float64 from float64 copies of the inputs, on every world
-size, and H is cast to float32 once normalized. Measured on SmolLM2-135M (bench/prune/results_distributed_prune.md):
-with float32 sums, merely batching the same 16 sequences by 16 instead of 8 in ONE process left only 93-98 % of
-layer 3's masks identical (the last-bit differences flip near-tie mask choices, whose OBS updates then differ, and
-the next layer sees other inputs), and 2 processes matched 1 in 95.6 % of all masks; with float64 sums both are
-100 % identical. The cost: the Hessian sums take 1.75x as long on a CPU (~4 % of a SmolLM2 pass), the same on an
-A100/H100 (FP64 tensor-core GEMMs run at the FP32 rate without TF32) but 30-60x on consumer GPUs with 1/32-1/64
-rate FP64; the sums' memory doubles (20480² float64 = 3.4 GB instead of 1.7 GB) and so do the all-reduced bytes.
+Precision: every Σxxᵀ is a float64 sum of one float32 product per calibration sequence (`solver.add_gram_`; OWL's
+Σx² from float64 copies), on every world size, and H is cast to float32 once normalized. A sequence's product does
+not depend on its batch or rank, so only the float64 order of the sum does. Measured on SmolLM2-135M
+(bench/prune/results_distributed_prune.md): with float32 sums over whole batches, merely batching the same 16
+sequences by 16 instead of 8 in ONE process left only 93-98 % of layer 3's masks identical (the last-bit differences
+flip near-tie mask choices, whose OBS updates then differ, and the next layer sees other inputs), and 2 processes
+matched 1 in 95.6 % of all masks; with float64 sums both are 100 % identical. Until 2026-12-06 the sums were float64
+GEMMs of float64 copies: half the float32 GEMM rate on CPUs (and 1/32-1/64 of it on consumer GPUs), plus the copy;
+the per-sequence float32 products keep the independence at the float32 rate (bench/prune/results_profile.md). The
+sums' memory is float64 (20480² = 3.4 GB) and so are the all-reduced bytes.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +43,7 @@ from sparsegpt.core.architectures import ExpertLinear, set_weight_from_linear, w
 from sparsegpt.core.world import World, agree, collective_device
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def all_reduce_(world: World, tensor: Tensor) -> Tensor:
@@ -90,6 +94,12 @@ def _broadcast_linear(world: World, module: nn.Module | ExpertLinear, name: str,
     masks[name] = world.broadcast(torch.empty(weight.shape, dtype=torch.uint8, device=device), src).bool().cpu()
 
 
+PHASES = ("capture", "forward", "hessian", "communication", "solve", "factor", "propagate", "io")
+"""Wall seconds per phase of a pass (`RankPass.timing`): the capture forward; each layer's forward with the
+Hessian hooks, of which `hessian` is the time inside the hooks; all-reduces and broadcasts; the solves, of which
+`factor` is the inverse-Hessian factorization; the pruned layer's forward (propagation); the `LayerAccess`
+enter/leave (a streamed pass's reads and writes)."""
+
 SolveGroup = Callable[[list[str], list[dict]], None]  # (group, stats out): prunes it in place, fills masks
 
 
@@ -101,8 +111,7 @@ class RankPass:
     calibration_rows: int = 0
     groups: int = 0
     linears: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("forward", "communication", "solve", "propagate"), 0.0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     def calibration_share(self, calib_ids: Tensor) -> Tensor:
         """This rank's contiguous share of the calibration rows (all of them in a world of one)."""
@@ -166,7 +175,13 @@ class RankPass:
         stats.extend(entry for k in range(len(groups)) for entry in solved[owners[k]][k])
 
     def record(self) -> dict:
-        """{size, ranks: per rank {rank, calibration_rows, groups, linears, seconds}} (a collective)."""
+        """{size, ranks: per rank {rank, calibration_rows, groups, linears, seconds}} (a collective); logs this
+        rank's phases, the nested ones (hessian in forward, factor in solve) as their own line items."""
+        sec = self.seconds
+        log.info("pass phases (rank %d): capture %.1fs, layer forwards %.1fs, Hessian sums %.1fs, communication "
+                 "%.1fs, factorizations %.1fs, solves %.1fs, propagation %.1fs, layer I/O %.1fs",
+                 self.world.rank, sec["capture"], sec["forward"] - sec["hessian"], sec["hessian"],
+                 sec["communication"], sec["factor"], sec["solve"] - sec["factor"], sec["propagate"], sec["io"])
         own = dict(rank=self.world.rank, calibration_rows=self.calibration_rows, groups=self.groups,
                    linears=self.linears, seconds={k: round(v, 4) for k, v in self.seconds.items()})
         return {"size": self.world.size, "ranks": self.world.gather_objects(own)}

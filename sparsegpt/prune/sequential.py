@@ -42,7 +42,7 @@ from sparsegpt.prune.baselines import PRUNERS
 from sparsegpt.prune.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
 from sparsegpt.prune.distributed import RankPass
 from sparsegpt.prune.experts import ExpertHessians
-from sparsegpt.prune.solver import inverse_hessian_factor, prune_group_with_factor, reconstruction_error
+from sparsegpt.prune.solver import add_gram_, inverse_hessian_factor, prune_group_with_factor, reconstruction_error
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,11 @@ def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, 
 def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *, diag_only: bool,
                 min_expert_tokens=None, outputs_to=None) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch]]:
     """One forward of layer `index` with a pre-hook per input group (per fused experts module for expert
-    matrices); returns per group leader H = 2/N Σ xxᵀ (summed in float64 over all ranks' tokens, returned as
-    float32), or only its diagonal when diag_only, its {tokens, expert, pooled_weight}, and the layer's outputs
-    (this rank's) if outputs_to. float64 sums make H independent of how the tokens are batched or split over ranks
-    (float32 sums differ in their last bits, which SparseGPT's mask choices amplify layer after layer)."""
+    matrices); returns per group leader H = 2/N Σ xxᵀ (one product per sequence, summed in float64 over all ranks'
+    tokens: `solver.add_gram_`; returned as float32), or only its diagonal when diag_only, its {tokens, expert,
+    pooled_weight}, and the layer's outputs (this rank's) if outputs_to. Per-sequence products summed in float64
+    make H independent of how the sequences are batched or split over ranks (float32 sums differ in their last
+    bits, which SparseGPT's mask choices amplify layer after layer)."""
     sums, counts, handles = {}, {}, []
     experts = ExpertHessians({g[0]: linears[g[0]] for g in groups if isinstance(linears[g[0]], ExpertLinear)},
                              device, diag_only=diag_only)
@@ -176,12 +177,12 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
         counts[leader] = 0
 
         def hook(module, args, leader=leader):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            if diag_only:
-                sums[leader] += x.square().sum(0)
-            else:
-                sums[leader].addmm_(x.t(), x)
-            counts[leader] += x.shape[0]
+            with run.timing("hessian"):
+                if diag_only:
+                    sums[leader] += args[0].reshape(-1, args[0].shape[-1]).double().square().sum(0)
+                else:
+                    add_gram_(sums[leader], args[0])
+                counts[leader] += args[0].numel() // args[0].shape[-1]
 
         handles.append(linears[leader].register_forward_pre_hook(hook))
     handles += experts.attach()
@@ -267,7 +268,7 @@ def _check_base_masks(base_masks: MaskSet | None, per_layer: list[dict], model: 
                         "prune the same linears (--include/--exclude) in every stage")
 
 
-def _solve_group(group, linears, hessians, info, target, cfg, base_masks, layer_idx, masks, stats) -> None:
+def _solve_group(group, linears, hessians, info, target, cfg, base_masks, layer_idx, masks, stats, timing) -> None:
     """Prune the linears that share one Hessian; SparseGPT factors it once and runs one column loop for the group."""
     dtype, hessian, info = getattr(torch, cfg.dtype), hessians[group[0]], info[group[0]]
     t0 = time.perf_counter()
@@ -275,7 +276,8 @@ def _solve_group(group, linears, hessians, info, target, cfg, base_masks, layer_
     bases = [None if base_masks is None else base_masks.masks[name].to(w.device) for name, w in zip(group, weights)]
     kw = dict(prune_n=cfg.prune_n, prune_m=cfg.prune_m, blocksize=cfg.blocksize, dtype=dtype)
     if cfg.method == "sparsegpt":
-        factor = inverse_hessian_factor(hessian, cfg.percdamp, dtype=dtype)
+        with timing("factor"):
+            factor = inverse_hessian_factor(hessian, cfg.percdamp, dtype=dtype)
         results = prune_group_with_factor(weights, factor, target, base_masks=bases, **kw)
     else:
         results = [PRUNERS[cfg.method](w, hessian, target, percdamp=cfg.percdamp, base_mask=b, **kw)
@@ -313,15 +315,17 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     try:
         store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
         own_ids = run.calibration_share(calib_ids)
-        calib = agree(run.world, lambda: capture_layer_inputs(
-            model, layers, own_ids, batch_size=cfg.batch_size, store_device=store_device) if len(own_ids) else [])
+        with run.timing("capture"):
+            calib = agree(run.world, lambda: capture_layer_inputs(
+                model, layers, own_ids, batch_size=cfg.batch_size, store_device=store_device) if len(own_ids) else [])
         targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access, run)
         masks, stats, layer_seconds = PackedMasks(), [], []  # packed as each linear is pruned: 1 bit a weight
         bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
         for i, layer in enumerate(bar):
             linears = per_layer[i]
             t0 = time.perf_counter()
-            access.enter(i, layer)
+            with run.timing("io"):
+                access.enter(i, layer)
             dev = device or _module_device(layer)
             home = _module_device(layer)
             layer.to(dev)
@@ -331,7 +335,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
                 hessians, info, _ = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
                                                 min_expert_tokens=cfg.min_expert_tokens)
                 run.solve_layer(groups, linears, masks, stats, lambda group, out: _solve_group(
-                    group, linears, hessians, info, targets[i], cfg, base_masks, i, masks, out))
+                    group, linears, hessians, info, targets[i], cfg, base_masks, i, masks, out, run.timing))
                 del hessians
             if i < len(layers) - 1:
                 with run.timing("propagate"):
@@ -339,7 +343,8 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             release(calib, i)
             layer.to(home)
             _synchronize(dev)
-            access.leave(i, layer, pruned=True)
+            with run.timing("io"):
+                access.leave(i, layer, pruned=True)
             layer_seconds.append(time.perf_counter() - t0)
             log.info("layer %d pruned in %.2fs", i, layer_seconds[-1])
             failpoint("prune/layer")

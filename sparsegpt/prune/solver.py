@@ -13,6 +13,8 @@ from sparsegpt.prune._select import check_base_budget, check_nm_base, check_prun
 
 log = logging.getLogger(__name__)
 
+INNER_BLOCK = 16          # columns per rank-1 sub-block of the column loop (bench/prune/results_profile.md)
+GRAM_BLOCK = 128          # rows per GEMM of the Gram sums' upper block triangle (bench/prune/results_profile.md)
 DAMP_RETRIES = 4          # extra Cholesky attempts, each with 10x the damping
 FIRST_RETRY_PERCDAMP = 1e-4  # damping of the first retry when percdamp was 0
 
@@ -53,10 +55,15 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float = 0.01, *,
         if attempt:
             p = 10 * p if p > 0 else FIRST_RETRY_PERCDAMP
         damp = p * scale
-        chol, info = torch.linalg.cholesky_ex(H + damp * torch.eye(len(H), dtype=dtype, device=H.device))
+        eye = torch.eye(len(H), dtype=dtype, device=H.device)
+        # H + damp·I with rows and columns reversed (J H J) = L Lᵀ, so H + damp·I = R Rᵀ with R = J L J upper, and
+        # (H + damp·I)⁻¹ = R⁻ᵀ R⁻¹: its upper Cholesky factor is R⁻¹ = J L⁻¹ J. One factorization and one
+        # triangular inverse instead of cholesky -> cholesky_inverse -> cholesky (the inverse alone took 15 % of
+        # a CPU pass: bench/prune/results_profile.md).
+        chol, info = torch.linalg.cholesky_ex((H + damp * eye).flip(0, 1))
         if info == 0:
-            hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if info == 0 and torch.isfinite(hinv).all():
+            hinv = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if torch.isfinite(hinv).all():
                 if attempt:
                     log.warning("hessian not positive definite with percdamp=%g; succeeded with percdamp=%g",
                                 percdamp, p)
@@ -119,6 +126,7 @@ def prune_group_with_factor(weights: list[Tensor], factor: InverseFactor, sparsi
     W[:, dead] = 0
     forced = torch.cat(bases) | dead.unsqueeze(0)
     mask = torch.zeros_like(forced)
+    inner = max(1, INNER_BLOCK // prune_m) * prune_m if prune_m else INNER_BLOCK  # whole N:M groups
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, h1 = W[:, i1:i2], hinv[i1:i2, i1:i2]  # W1 is a view: updates land in W
@@ -128,15 +136,8 @@ def prune_group_with_factor(weights: list[Tensor], factor: InverseFactor, sparsi
         else:  # the whole block at its start; the quota is per weight, as if each were pruned alone
             score = W1.square() / d.square()
             mask1 = torch.cat([unstructured_mask(score[r0:r1], sparsity, forced[r0:r1, i1:i2]) for r0, r1 in bounds])
-        err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            if prune_m and i % prune_m == 0:
-                g = slice(i, i + prune_m)
-                mask1[:, g] = nm_mask(W1[:, g].square() / d[g].square(), prune_n, prune_m, forced[:, i1:i2][:, g])
-            err = torch.where(mask1[:, i], W1[:, i], 0) / d[i]
-            W1[:, i].masked_fill_(mask1[:, i], 0)
-            W1[:, i + 1:] -= torch.outer(err, h1[i, i + 1:])
-            err1[:, i] = err
+        err1 = torch.empty_like(W1)
+        _block_columns(W1, h1, d, mask1, err1, inner, prune_n, prune_m, forced[:, i1:i2])
         mask[:, i1:i2] = mask1
         W[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update: only later, unfinished columns
     W.masked_fill_(mask, 0)
@@ -150,6 +151,30 @@ def prune_group_with_factor(weights: list[Tensor], factor: InverseFactor, sparsi
     return results
 
 
+def _block_columns(W1: Tensor, h1: Tensor, d: Tensor, mask1: Tensor, err1: Tensor, inner: int, prune_n: int,
+                   prune_m: int, forced1: Tensor) -> None:
+    """The column loop of one block, in place: err1[:, i] = (pruned part of column i) / d[i], and every later
+    column of the block minus err1[:, i] ⊗ h1[i]. Rank-1 updates reach only the rest of an `inner`-column
+    sub-block; a matrix product then applies the sub-block's errors to the block's later columns at once (the
+    paper's lazy batch update, nested), so each column costs two small ops and the bulk runs as GEMMs. Column i
+    has received every earlier column's update when it is read, as in the unblocked loop. Masked entries keep
+    their value until the caller zeroes them: no later column reads them."""
+    width = W1.shape[1]
+    for j1 in range(0, width, inner):
+        j2 = min(j1 + inner, width)
+        scale = None if prune_m else mask1[:, j1:j2] / d[j1:j2]  # 1/d where pruned, else 0
+        for i in range(j1, j2):
+            if prune_m and (i - j1) % prune_m == 0:  # each group of M from the weights updated so far
+                g = slice(i, i + prune_m)
+                mask1[:, g] = nm_mask(W1[:, g].square() / d[g].square(), prune_n, prune_m, forced1[:, g])
+                scale = mask1[:, g] / d[g]
+            err = torch.mul(W1[:, i], scale[:, (i - j1) % prune_m if prune_m else i - j1], out=err1[:, i])
+            if i + 1 < j2:
+                W1[:, i + 1:j2].addr_(err, h1[i, i + 1:j2], alpha=-1)
+        if j2 < width:
+            W1[:, j2:].addmm_(err1[:, j1:j2], h1[j1:j2, j2:], alpha=-1)
+
+
 def prune_matrix(weight: Tensor, hessian: Tensor, sparsity: float, *, prune_n: int = 0, prune_m: int = 0,
                  blocksize: int = 128, percdamp: float = 0.01, base_mask: Tensor | None = None,
                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -160,6 +185,30 @@ def prune_matrix(weight: Tensor, hessian: Tensor, sparsity: float, *, prune_n: i
     factor = inverse_hessian_factor(hessian.to(weight.device), percdamp, dtype=dtype)
     return prune_with_factor(weight, factor, sparsity, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize,
                              base_mask=base_mask, dtype=dtype)
+
+
+def add_gram_(total: Tensor, x: Tensor, *, block: int = GRAM_BLOCK) -> Tensor:
+    """total += Σ_t x_t x_tᵀ over the tokens of x (..., seqlen, cols) in place; total is float64 (cols, cols).
+
+    One product per sequence (each slice along the leading dims; a 2-D x is one sequence) in x's dtype widened to at
+    least float32, added to the float64 total sequence by sequence. Only the upper block triangle is multiplied
+    (one GEMM per `block` rows: about half the FLOPs) and the lower triangle is then copied from the upper one. A
+    sequence's product depends only on that sequence, so the total does not depend on how sequences are batched
+    (bit for bit) or split over ranks (up to the float64 order of the rank sums) — as summing float64 copies of x
+    did, at a quarter of its cost (float64 GEMMs run at half the float32 rate and need the copy). A float32
+    product over s tokens is within ~s·2⁻²⁴ of exact (relative to Σ|x||x|); H is cast to float32 for the solve."""
+    cols = x.shape[-1]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    starts = range(0, cols, block)
+    for seq in x.reshape(-1, x.shape[-2], cols) if x.ndim > 2 else x.unsqueeze(0):
+        seq = seq.to(compute)
+        for b in starts:
+            total[b:b + block, b:].add_(seq[:, b:b + block].t() @ seq[:, b:])
+    for b in starts:  # lower := upperᵀ, a block at a time (no cols² temporary)
+        diag = total[b:b + block, b:b + block]
+        diag.copy_(diag.triu() + diag.triu(1).t())
+        total[b + block:, b:b + block].copy_(total[b:b + block, b + block:].t())
+    return total
 
 
 def reconstruction_error(w_old: Tensor, w_new: Tensor, hessian: Tensor) -> float:

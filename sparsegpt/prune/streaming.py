@@ -11,7 +11,6 @@ memory (`save_file` first serializes a whole shard into one buffer).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.conversion_mapping import PrefixChange, get_model_conversion_mapping
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+from sparsegpt.core.allocator import StreamingPolicy, trim
 from sparsegpt.core.architectures import family_of
 from sparsegpt.core.atomic import write_dir_atomically
 from sparsegpt.core.errors import UserError
@@ -46,9 +46,6 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-# glibc keeps freed heap chunks resident when small live buffers (the masks) sit between them: trimming after each
-# layer hands those pages back. Other C libraries have no malloc_trim (nothing to do there).
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 # -- the checkpoint: checked headers, tensors read into owned memory ------------------------------------------------
@@ -321,8 +318,7 @@ class _Streamer(LayerAccess):
             prefix = f"{self.layers_path}.{index}."
             self.write(index + 2, [k for k in self.saved if k.startswith(prefix)])
         self.free(layer)
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        trim()  # glibc keeps freed heap chunks resident between live small buffers (the masks): hand them back
 
     def write_index(self) -> None:
         if sorted(self.weight_map) != sorted(self.saved):  # a bug, not bad input
@@ -350,6 +346,7 @@ def _source_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
         raise UserError(f"cannot read the tokenizer in {folder} ({e}); pass tokenizer= or add its files") from e
 
 
+@StreamingPolicy()  # large buffers mmapped while streaming: sparsegpt.core.allocator
 def prune_streamed(model_path: str | os.PathLike, calib_ids: Tensor, cfg: PruneConfig, out_dir: str | os.PathLike,
                    *, tokenizer: PreTrainedTokenizerBase | None = None, base_masks: MaskSet | None = None,
                    device: torch.device | str | None = None, dtype: str = "auto",

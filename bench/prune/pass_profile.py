@@ -1,0 +1,166 @@
+"""Where a SparseGPT pass spends its time, phase by phase, and the same pass on an older checkout for comparison.
+
+Each run is a fresh child process: load the model, draw the calibration set, `prune_model` (one process), then
+held-out perplexity. The phases are the pass's own timers (`PruneResult.world`, `distributed.PHASES`): capture,
+layer forwards, Hessian sums (inside the forwards), factorizations (inside the solves), solves, propagation, layer
+I/O. `--baseline DIR` also runs the pass with the sparsegpt package of DIR (e.g. a worktree of main:
+`git worktree add /tmp/main-old main`) in the same way, alternating old and new `--repeats` times so both see the
+same machine load; a checkout whose pass has fewer timers reports those it has (its `forward` includes its Hessian
+sums; its factorizations are timed by wrapping `inverse_hessian_factor`).
+
+example (what bench/prune/results_profile.md was made with; its header has the exact command):
+  python bench/prune/pass_profile.py --model smollm2-135m --nsamples 32 --seqlen 512 --baseline /tmp/main-old \\
+      --out bench/prune/results_profile.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PHASES = [("capture", "capture forward"), ("forward-hessian", "layer forwards (dense, with hooks)"),
+          ("hessian", "Hessian sums Σxxᵀ"), ("communication", "communication"),
+          ("factor", "inverse-Hessian factorizations"), ("solve-factor", "column loops, masks, errors"),
+          ("propagate", "propagation (pruned forwards)"), ("io", "layer I/O")]
+
+
+def child(args) -> dict:
+    """One pass in this process; its JSON row on the last stdout line."""
+    import torch
+
+    from sparsegpt.core.data import calibration_ids, eval_ids
+    from sparsegpt.evaluate.perplexity import perplexity
+    from sparsegpt.prune import sequential
+    from sparsegpt.storage.models import load_model
+
+    torch.set_num_threads(args.threads)
+    factor_seconds = [0.0]
+    timed = "factor" not in getattr(sys.modules.get("sparsegpt.prune.distributed"), "PHASES", ())
+    if timed:  # an older pass: time its factorizations from outside
+        inner = sequential.inverse_hessian_factor
+
+        def wrapped(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                factor_seconds[0] += time.perf_counter() - start
+
+        sequential.inverse_hessian_factor = wrapped
+    model, tokenizer = load_model(args.model, dtype="float32")
+    calib = calibration_ids(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    cfg = sequential.PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, dtype=args.solver_dtype)
+    load = os.getloadavg()[0]
+    result = sequential.prune_model(model, calib, cfg)
+    seconds = dict(result.world["ranks"][0]["seconds"])
+    if timed:
+        seconds["factor"] = factor_seconds[0]
+    row = {"package": str(Path(sequential.__file__).parents[2]), "seconds": result.seconds, "phases": seconds,
+           "layer_seconds": result.layer_seconds, "load_before": load, "load_after": os.getloadavg()[0],
+           "sparsity": result.masks.sparsity(), "error_sum": sum(s["error"] for s in result.stats)}
+    for source in args.eval_sources:
+        ids = eval_ids(source, tokenizer, seqlen=args.seqlen, split="validation", max_windows=args.eval_windows)
+        row[f"ppl/{source}"] = perplexity(model, ids, batch_size=args.batch_size, device="cpu")
+    return row
+
+
+def spawn(args, package: str) -> dict:
+    """`child` in a fresh process importing sparsegpt from `package` (a checkout's root)."""
+    argv = [a for a in sys.argv[1:]]
+    env = {**os.environ, "PYTHONPATH": package, "OMP_NUM_THREADS": str(args.threads), "SPARSEGPT_NO_PROGRESS": "1"}
+    done = subprocess.run([sys.executable, __file__, *argv, "--child"], env=env, stdout=subprocess.PIPE, text=True,
+                          check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{package}: {row['seconds']:.1f} s", {k: round(v, 1) for k, v in row["phases"].items()}, file=sys.stderr)
+    return row
+
+
+def phase(sec: dict, key: str) -> float | None:
+    """A phase's own seconds: nested timers (hessian in forward, factor in solve) as their own line items."""
+    if key == "forward-hessian":
+        return sec["forward"] - sec.get("hessian", 0.0)
+    if key == "solve-factor":
+        return sec["solve"] - sec.get("factor", 0.0)
+    return sec.get(key)
+
+
+def mean(xs: list[float | None]) -> float | None:
+    return None if any(x is None for x in xs) else sum(xs) / len(xs)
+
+
+def report(args, started: datetime.datetime, cpu: str, runs: dict[str, list[dict]]) -> str:
+    names = list(runs)
+    lines = ["# Pruning pass profile", "",
+             f"- date: {started:%Y-%m-%d %H:%M} UTC; machine: {cpu}, {os.cpu_count()} cores; torch threads "
+             f"{args.threads}; load average (1 min) before / after each run: "
+             + "; ".join(f"{n}: " + ", ".join(f"{r['load_before']:.1f}/{r['load_after']:.1f}" for r in rows)
+                         for n, rows in runs.items()),
+             f"- model `{args.model}` (float32), SparseGPT {args.sparsity} (solver {args.solver_dtype}), "
+             f"calibration {args.calib} "
+             f"{args.nsamples} × {args.seqlen} (batch {args.batch_size}, seed {args.seed}), 1 process; perplexity on "
+             f"the validation split of {', '.join(args.eval_sources)} ({args.eval_windows} × {args.seqlen})",
+             f"- command: `python bench/prune/pass_profile.py {' '.join(a for a in sys.argv[1:])}`",
+             "- seconds are means over the runs of each checkout (alternated, so both saw the same load); '–': that "
+             "checkout's pass has no timer for the phase (its time is inside another line)", "",
+             "| phase | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label in PHASES:
+        values = [mean([phase(r["phases"], key) for r in runs[n]]) for n in names]
+        if all(v in (None, 0.0) for v in values):
+            continue
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in values) + " |")
+    total = [mean([r["seconds"] for r in runs[n]]) for n in names]
+    lines.append("| **pass total** | " + " | ".join(f"**{t:.1f}**" for t in total) + " |")
+    per_layer = [mean([sum(r["layer_seconds"]) / len(r["layer_seconds"]) for r in runs[n]]) for n in names]
+    lines.append("| per decoder layer | " + " | ".join(f"{t:.2f}" for t in per_layer) + " |")
+    for key in ["sparsity", "error_sum", *(f"ppl/{s}" for s in args.eval_sources)]:
+        lines.append(f"| {key} | " + " | ".join(f"{mean([r[key] for r in runs[n]]):.4g}" for n in names) + " |")
+    if len(names) == 2:
+        lines += ["", f"{names[1]} / {names[0]} pass time: {total[1] / total[0]:.2f}x"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", default="stdlib-docs")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--eval-sources", nargs="*", default=["stdlib-docs", "debian-licenses"])
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--baseline", help="root of an older checkout to run the same pass with")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    started = datetime.datetime.now(datetime.timezone.utc)
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu if ln.startswith("Model name")), "?")
+    here = str(Path(__file__).resolve().parents[2])
+    checkouts = {"baseline": args.baseline, "this checkout": here} if args.baseline else {"this checkout": here}
+    runs: dict[str, list[dict]] = {name: [] for name in checkouts}
+    for _ in range(args.repeats):
+        for name, package in checkouts.items():
+            runs[name].append(spawn(args, package))
+    text = report(args, started, cpu, runs)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()
