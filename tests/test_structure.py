@@ -15,9 +15,11 @@ import pytest
 
 from sparsegpt.commands import prune as prune_command
 from sparsegpt.config.recipe import FinetuneSettings, KDSettings, LoraSection, PruneSettings
+from sparsegpt.config.settings import ReconstructSettings
 from sparsegpt.heal.config import FinetuneConfig
 from sparsegpt.heal.distill import KDConfig
 from sparsegpt.heal.lora import LoraSettings
+from sparsegpt.prune.reconstruct import ReconstructConfig
 from sparsegpt.prune.sequential import PruneConfig
 from sparsegpt.run.rundir import Phase
 from sparsegpt.run.scheduler import PIPELINE
@@ -136,7 +138,7 @@ NOT_IN_RECIPE = {
     FinetuneConfig: {"seed", "micro_batch_size", "grad_accum",   # recipe seed + stage index; distributed section
                      "mask_enforcement",                         # partial enforcement: benchmarks and tests only
                      "checkpoint_final"},                        # the scheduler saves the model right after
-    KDConfig: set(), LoraSettings: set(),
+    KDConfig: set(), LoraSettings: set(), ReconstructConfig: set(),
 }
 # Recipe fields that are not the library config's, and why:
 NOT_IN_CONFIG = {
@@ -145,10 +147,10 @@ NOT_IN_CONFIG = {
     FinetuneSettings: {"tokens", "warmup_ratio", "seqlen",      # become steps / warmup_steps / the data's shape
                        "lr_search"},                             # how the scheduler resolves lr: auto to a float
     KDSettings: {"teacher"},                                     # which model is loaded as the teacher
-    LoraSection: set(),
+    LoraSection: set(), ReconstructSettings: set(),
 }
 PAIRS = [(PruneSettings, PruneConfig), (FinetuneSettings, FinetuneConfig), (KDSettings, KDConfig),
-         (LoraSection, LoraSettings)]
+         (LoraSection, LoraSettings), (ReconstructSettings, ReconstructConfig)]
 
 
 @pytest.mark.parametrize("settings, config", PAIRS, ids=lambda c: c.__name__)

@@ -23,6 +23,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import tempfile
@@ -36,6 +37,7 @@ from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.core.world import World, agree, init_from_env
 from sparsegpt.core.world import rank_device as _device  # --device: under a launch, cuda is this rank's GPU
+from sparsegpt.prune.reconstruct import ReconstructConfig
 from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.prune.streaming import prune_streamed
 from sparsegpt.storage.models import check_model, load_model, load_tokenizer, local_folder, save_model
@@ -74,6 +76,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-expert-tokens", type=int,
                    help="MoE: an expert matrix routed fewer calibration tokens gets the layer's pooled Hessian mixed "
                         "in up to this many tokens (default: its input width; 0 = only experts that saw none)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after each decoder layer is pruned, Adam on its kept weights (mask held) towards the dense "
+                        "layer's outputs on the calibration rows")
+    p.add_argument("--reconstruct-passes", type=int, help="reconstruction: passes over the calibration rows (20)")
+    p.add_argument("--reconstruct-lr", type=float, help="reconstruction: Adam learning rate (1e-3)")
+    p.add_argument("--reconstruct-batch", type=int, help="reconstruction: calibration rows per step (4)")
+    p.add_argument("--reconstruct-inputs", choices=["dense", "pruned"],
+                   help="reconstruction: train each layer on the dense prefix's outputs or the pruned one's (dense)")
     p.add_argument("--device", default=None,
                    help="where each decoder layer is pruned (default: cuda if available, else cpu; the rest of the "
                         "model stays on CPU)")
@@ -91,6 +101,19 @@ def _parse_nm(text: str) -> tuple[int, int]:
     return n, m
 
 
+RECONSTRUCT_FLAGS = ("passes", "lr", "batch", "inputs")
+
+
+def _reconstruct(args: argparse.Namespace) -> ReconstructConfig | None:
+    given = {k: getattr(args, f"reconstruct_{k}") for k in RECONSTRUCT_FLAGS
+             if getattr(args, f"reconstruct_{k}", None) is not None}
+    if not args.reconstruct:
+        if given:
+            raise UserError(f"--reconstruct-{next(iter(given))} needs --reconstruct; add it or drop the flag")
+        return None
+    return ReconstructConfig(**given)
+
+
 def _config(args: argparse.Namespace) -> PruneConfig:
     n, m = _parse_nm(args.nm) if args.nm else (0, 0)
     cfg = PruneConfig(method=args.method, sparsity=args.sparsity if args.nm is None else n / m, prune_n=n,
@@ -99,7 +122,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
                       batch_size=args.batch_size, offload_activations=args.offload_activations,
                       shared_hessian=not args.per_linear_hessian, dtype=args.solver_dtype,
                       prune_router=args.prune_router, prune_shared_experts=args.prune_shared_experts,
-                      min_expert_tokens=args.min_expert_tokens)
+                      min_expert_tokens=args.min_expert_tokens, reconstruct=_reconstruct(args))
     cfg.validate()
     return cfg
 
@@ -150,6 +173,8 @@ def _report(args: argparse.Namespace, cfg: PruneConfig, seqlen: int, result, per
             "allocation": cfg.allocation, "prune_router": cfg.prune_router,
             "prune_shared_experts": cfg.prune_shared_experts, "min_expert_tokens": cfg.min_expert_tokens,
             "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen, "streamed": args.stream,
+            "reconstruct": dataclasses.asdict(cfg.reconstruct) if cfg.reconstruct else None,
+            "reconstruction": result.reconstruction,
             "sparsity": result.masks.sparsity(), "per_linear": per_linear, "stats": result.stats,
             "seconds": result.seconds, "world": result.world}
 

@@ -83,6 +83,16 @@ class _Strict(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------- sections
+class ReconstructSettings(_Strict):
+    """Layer-wise reconstruction after each decoder layer's solve (`reconstruct.ReconstructConfig`, same fields):
+    Adam `passes` over the calibration rows, `batch` rows a step, on the dense or the pruned prefix's outputs."""
+
+    passes: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch: int = Field(4, ge=1)
+    inputs: Literal["dense", "pruned"] = "dense"
+
+
 class PruneSettings(_Strict):
     """How one stage prunes: the source of `sequential.PruneConfig` (same field names, built by `to_dataclass`);
     nsamples/seqlen size the calibration set and are not PruneConfig's (the calibration data is an argument)."""
@@ -105,6 +115,7 @@ class PruneSettings(_Strict):
     prune_router: bool = False  # MoE routers (gates) stay dense unless asked
     prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
     min_expert_tokens: int | None = Field(None, ge=0)  # fewer routed tokens: pooled Hessian mixed in (None: width)
+    reconstruct: ReconstructSettings | None = None  # layer-wise reconstruction after each layer's solve; None: off
 
     @field_validator("include", "exclude")
     @classmethod

@@ -82,11 +82,12 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Tensor, *, batch_size: int,
-                         store_device: torch.device | str) -> list[LayerBatch]:
-    """Run the model's own forward per batch of `batch_size` rows with stand-ins for `layers`; keep layer 0's
-    hidden states and every layer's other arguments on `store_device`. UserError naming the layer class when the
-    forward does not call each layer once, in order, as layer(hidden_states, ...)."""
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Tensor, *,
+                         batch_size: int | list[int], store_device: torch.device | str) -> list[LayerBatch]:
+    """Run the model's own forward per batch of `batch_size` rows (or per batch of each size in a list) with
+    stand-ins for `layers`; keep layer 0's hidden states and every layer's other arguments on `store_device`.
+    UserError naming the layer class when the forward does not call each layer once, in order, as
+    layer(hidden_states, ...)."""
     if input_ids.ndim != 2:
         raise UserError(f"input ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
     real = list(layers)

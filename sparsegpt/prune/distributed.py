@@ -94,11 +94,11 @@ def _broadcast_linear(world: World, module: nn.Module | ExpertLinear, name: str,
     masks[name] = world.broadcast(torch.empty(weight.shape, dtype=torch.uint8, device=device), src).bool().cpu()
 
 
-PHASES = ("capture", "forward", "hessian", "communication", "solve", "factor", "propagate", "io")
+PHASES = ("capture", "forward", "hessian", "communication", "solve", "factor", "propagate", "io", "reconstruct")
 """Wall seconds per phase of a pass (`RankPass.timing`): the capture forward; each layer's forward with the
 Hessian hooks, of which `hessian` is the time inside the hooks; all-reduces and broadcasts; the solves, of which
 `factor` is the inverse-Hessian factorization; the pruned layer's forward (propagation); the `LayerAccess`
-enter/leave (a streamed pass's reads and writes)."""
+enter/leave (a streamed pass's reads and writes); layer-wise reconstruction (`sparsegpt.prune.reconstruct`)."""
 
 SolveGroup = Callable[[list[str], list[dict]], None]  # (group, stats out): prunes it in place, fills masks
 

@@ -42,6 +42,7 @@ from sparsegpt.prune.baselines import PRUNERS
 from sparsegpt.prune.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
 from sparsegpt.prune.distributed import RankPass
 from sparsegpt.prune.experts import ExpertHessians
+from sparsegpt.prune.reconstruct import ReconstructConfig, Reconstructor, as_config, row_pieces
 from sparsegpt.prune.solver import add_gram_, inverse_hessian_factor, prune_group_with_factor, reconstruction_error
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class PruneConfig:
     prune_router: bool = False          # MoE routers (gates) are left dense unless asked
     prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
     min_expert_tokens: int | None = None  # fewer routed tokens: Hessian topped up with the pooled one (None: width)
+    reconstruct: ReconstructConfig | None = None  # layer-wise reconstruction after each layer's solve (None: off)
+
+    def __post_init__(self) -> None:
+        self.reconstruct = as_config(self.reconstruct)  # the recipe's settings model arrives as is (to_dataclass)
 
     def validate(self) -> None:
         """Raise UserError on the first bad field."""
@@ -95,6 +100,8 @@ class PruneConfig:
         if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
             raise UserError(f"min_expert_tokens must be >= 0 (or None for each matrix's input width), "
                             f"got {self.min_expert_tokens}")
+        if self.reconstruct is not None:
+            self.reconstruct.validate()
 
     @property
     def target(self) -> float:
@@ -107,13 +114,15 @@ class PruneResult:
     """The masks of the pruned linears, per-linear stats ({name, layer, target, sparsity, seconds, error, tokens,
     expert, pooled_weight, rank}: `rank` solved it), this rank's wall seconds per decoder layer (forwards + solves)
     and in total, and the world: {size, ranks: per rank {rank, calibration_rows, groups, linears, seconds: {forward,
-    communication, solve, propagate}}}."""
+    communication, solve, propagate, reconstruct}}}; with `reconstruct`, per decoder layer its relative output
+    error before and after (`reconstruct.Reconstructor.train`)."""
 
     masks: MaskSet
     stats: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     layer_seconds: list[float] = field(default_factory=list)
     world: dict = field(default_factory=dict)
+    reconstruction: list[dict] = field(default_factory=list)  # per reconstructed layer: {layer, error_before, ...}
 
 
 class LayerAccess:
@@ -315,11 +324,17 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     try:
         store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
         own_ids = run.calibration_share(calib_ids)
+        sizes, rec = cfg.batch_size, None
+        if cfg.reconstruct is not None:  # batches cut at the reconstruction steps' row boundaries
+            pieces = row_pieces(run.world.share(len(calib_ids)), cfg.reconstruct.batch, cfg.batch_size)
+            sizes, rec = [n for _, n in pieces], Reconstructor(cfg.reconstruct, pieces, len(calib_ids), run.world)
         with run.timing("capture"):
             calib = agree(run.world, lambda: capture_layer_inputs(
-                model, layers, own_ids, batch_size=cfg.batch_size, store_device=store_device) if len(own_ids) else [])
+                model, layers, own_ids, batch_size=sizes, store_device=store_device) if len(own_ids) else [])
         targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access, run)
-        masks, stats, layer_seconds = PackedMasks(), [], []  # packed as each linear is pruned: 1 bit a weight
+        masks, stats, layer_seconds, rebuilt = PackedMasks(), [], [], []  # masks packed as pruned: 1 bit a weight
+        if rec is not None:
+            rec.start(calib)
         bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
         for i, layer in enumerate(bar):
             linears = per_layer[i]
@@ -331,12 +346,26 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             layer.to(dev)
             groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
                                    cfg.shared_hessian)
+            dense = None  # with reconstruct: the dense layer's outputs, its targets
             if groups:  # a layer the include/exclude filters left empty is only propagated
-                hessians, info, _ = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
-                                                min_expert_tokens=cfg.min_expert_tokens)
+                hessians, info, outs = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
+                                                   min_expert_tokens=cfg.min_expert_tokens,
+                                                   outputs_to=store_device if rec and rec.from_pruned else None)
+                if rec is not None:
+                    with run.timing("reconstruct"):
+                        dense = rec.targets(layer, i, calib, outs, dev, store_device)
+                del outs
                 run.solve_layer(groups, linears, masks, stats, lambda group, out: _solve_group(
                     group, linears, hessians, info, targets[i], cfg, base_masks, i, masks, out, run.timing))
                 del hessians
+                if rec is not None:
+                    with run.timing("reconstruct"):
+                        rebuilt.append(rec.train(layer, i, calib, dense, {n: (m, masks[n]) for n, m in
+                                                                           linears.items()}, dev))
+            if rec is not None and i < len(layers) - 1:
+                with run.timing("reconstruct"):
+                    rec.advance(layer, i, calib, dense, dev, store_device)
+            del dense
             if i < len(layers) - 1:
                 with run.timing("propagate"):
                     calib = run_layer(layer, i, calib, dev, store_device)
@@ -352,7 +381,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     finally:
         model.train(was_training)
     return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start,
-                       layer_seconds=layer_seconds, world=run.record())
+                       layer_seconds=layer_seconds, world=run.record(), reconstruction=rebuilt)
 
 
 @torch.no_grad()
