@@ -25,6 +25,7 @@ from sparsegpt.core.architectures import decoder_layers
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.world import init_from_env
 from sparsegpt.prune import sequential
+from sparsegpt.prune.reconstruct import ReconstructConfig
 from sparsegpt.prune.sequential import LayerAccess, PruneConfig, prune_model
 
 VOCAB = 128
@@ -48,6 +49,13 @@ CASES = {
     "moe": ("qwen2_moe", 7, PruneConfig(sparsity=0.5, batch_size=3, min_expert_tokens=64)),  # all topped up
     "one-row": ("llama", 1, PruneConfig(sparsity=0.5)),               # rank 1 has no calibration row
     "one-group": ("llama", 7, PruneConfig(sparsity=0.5, batch_size=3, include=r"down_proj")),  # rank 1 solves none
+    # reconstruction: step chunk 1 (rows 3-5) is split over the ranks (4 + 3 rows), so the all-reduced gradient
+    # sums what one process sums in one piece; pruned inputs with forward batches of 2 inside steps of 4 rows
+    "llama-recon": ("llama", 7, PruneConfig(sparsity=0.5, batch_size=3, reconstruct=ReconstructConfig(
+        passes=2, batch=3, inputs="dense"))),
+    "llama-recon-pruned": ("llama", 7, PruneConfig(sparsity=0.5, batch_size=2, reconstruct=ReconstructConfig(
+        passes=2, batch=4, inputs="pruned"))),
+    "one-row-recon": ("llama", 1, PruneConfig(sparsity=0.5, reconstruct=ReconstructConfig(passes=2, batch=1))),
 }
 SEQLEN = 12
 
@@ -62,9 +70,9 @@ def build(case: str) -> tuple[torch.nn.Module, torch.Tensor, PruneConfig]:
 
 
 def outcome(model, result) -> dict:
-    """What the test compares: masks, decoder weights, stats, world."""
+    """What the test compares: masks, decoder weights, stats, world, per-layer reconstruction stats."""
     return {"masks": dict(result.masks.masks), "weights": decoder_layers(model).state_dict(),
-            "stats": result.stats, "world": result.world}
+            "stats": result.stats, "world": result.world, "reconstruction": result.reconstruction}
 
 
 class Recording(LayerAccess):

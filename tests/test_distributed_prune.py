@@ -1,7 +1,8 @@
 """The distributed SparseGPT pass: 2 gloo CPU processes (one torchrun of tests/dist_prune_worker.py) prune tiny
 Llama, OPT and Qwen2-MoE models — unstructured, 2:4, OWL, the MoE top-up rule, a world larger than the calibration
 set and than a layer's groups — and `sparsegpt prune` under the same launch. Each must equal the single-process
-pass on the same calibration set (masks >= 99.9 % identical, per-linear reconstruction error within 0.1 %),
+pass on the same calibration set (masks >= 99.9 % identical, per-linear reconstruction error within 0.1 %; with
+layer-wise reconstruction, weights and per-layer output errors equal up to float rounding),
 leave both ranks with identical weights, masks and stats, and record a world where both ranks did work; a solve
 that fails on one rank fails both (then the CLI still runs in the same group)."""
 
@@ -68,6 +69,17 @@ def test_two_ranks_equal_one_process(case, ranks):
         assert got["error"] == pytest.approx(want["error"], rel=1e-3, abs=1e-9), got["name"]
         assert (got["tokens"], got["pooled_weight"], got["target"]) == pytest.approx(
             (want["tokens"], want["pooled_weight"], want["target"]), rel=1e-6), got["name"]  # counts reduced first
+    if cfg.reconstruct is not None:  # same steps as one process: weights and errors equal up to float rounding
+        untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in rank["reconstruction"]]
+                   for rank in (mine, other)]
+        assert untimed[0] == untimed[1]  # every rank took the same steps and measured the same errors
+        for got, want in zip(mine["reconstruction"], reference["reconstruction"]):
+            assert (got["layer"], got["steps"], got["reverted"]) == (want["layer"], want["steps"], want["reverted"])
+            assert (got["error_before"], got["error_after"]) == pytest.approx(
+                (want["error_before"], want["error_after"]), rel=1e-4)
+            assert got["error_after"] < got["error_before"]
+        for key, weight in reference["weights"].items():
+            torch.testing.assert_close(mine["weights"][key], weight, rtol=1e-4, atol=1e-5, msg=key)
     for r, rank in enumerate(ranks):  # the LayerAccess seam brackets every use of every layer on every rank
         expected = [(step, i, *extra) for i in range(2) for step, extra in (("enter", ()), ("leave", (True,)))]
         if cfg.allocation == "owl":

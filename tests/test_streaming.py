@@ -22,6 +22,7 @@ from sparsegpt.core.data import calibration_ids
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.prune import streaming
+from sparsegpt.prune.reconstruct import ReconstructConfig
 from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.prune.streaming import prune_streamed
 from sparsegpt.storage.models import load_model, save_model
@@ -101,13 +102,17 @@ def sharded(sources, calib, tmp_path_factory) -> Path:
     ("llama-tied", {"allocation": "owl", "owl_lambda": 0.2}, "auto"),
     ("opt", {}, "auto"),
     ("llama-tied", {}, "bfloat16"),
-])
+    ("llama", {"reconstruct": ReconstructConfig(passes=2, batch=3)}, "auto"),
+    ("llama-tied", {"reconstruct": ReconstructConfig(passes=2, batch=2, inputs="pruned")}, "bfloat16"),
+], ids=["llama", "llama-tied-owl", "opt", "llama-tied-bf16", "llama-recon", "llama-tied-bf16-recon-pruned"])
 def test_streamed_equals_in_memory_bitwise(sources, calib, tiny_tokenizer, tmp_path, source, settings, dtype):
     cfg = PruneConfig(**STAGE1, **settings)
     reference = in_memory(sources[source], calib, cfg, tmp_path / "memory", dtype=dtype)
     result = prune_streamed(sources[source], calib, cfg, tmp_path / "stream", tokenizer=tiny_tokenizer, dtype=dtype)
     assert_same_folders(tmp_path / "stream", tmp_path / "memory")
     assert all(torch.equal(result.masks.masks[n], reference.masks[n]) for n in reference.masks)
+    if "reconstruct" in settings:  # the layers were reconstructed, the same way
+        assert [r["error_after"] < r["error_before"] for r in result.reconstruction] == [True, True]
     if settings.get("allocation") == "owl":  # OWL really gave the layers different targets
         assert len({round(s["target"], 6) for s in result.stats}) > 1
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "stream")  # plain transformers reads the folder
@@ -222,6 +227,7 @@ import json, sys
 from pathlib import Path
 from safetensors.torch import load_file
 from sparsegpt.storage.models import load_model, save_model
+from sparsegpt.prune.reconstruct import ReconstructConfig
 from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.prune.streaming import prune_streamed
 from sparsegpt.core.world import init_from_env
