@@ -7,6 +7,7 @@ the mask stays exact, off is the pass of old, and bad settings are one-line User
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -17,9 +18,11 @@ from sparsegpt.config.recipe import to_dataclass
 from sparsegpt.config.settings import PruneSettings
 from sparsegpt.core.architectures import decoder_layers
 from sparsegpt.core.errors import UserError
+from sparsegpt.core.masks import MaskSet
 from sparsegpt.prune import sequential
 from sparsegpt.prune.reconstruct import ReconstructConfig, row_pieces
 from sparsegpt.prune.sequential import PruneConfig, prune_model
+from sparsegpt.storage.models import load_model
 
 NSAMPLES, SEQLEN = 6, 32
 
@@ -176,3 +179,18 @@ def test_cli_bad_reconstruct_flags_are_one_line(tiny_llama_dir, tmp_path, capsys
                      "--out", str(out)])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and re.search(match, errors[0]) and not out.exists()
+
+
+def test_cli_reconstructs_and_reports_each_layer(tiny_llama_dir, tmp_path):
+    from sparsegpt import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["prune", "--model", str(tiny_llama_dir), "--calib", "stdlib-docs", "--nsamples", "4", "--seqlen",
+                     "16", "--sparsity", "0.6", "--reconstruct", "--reconstruct-passes", "2", "--reconstruct-inputs",
+                     "pruned", "--out", str(out)]) == 0
+    report = json.loads((out / "sparsity.json").read_text())
+    assert report["reconstruct"] == {"passes": 2, "lr": 1e-3, "batch": 4, "inputs": "pruned"}
+    assert [r["layer"] for r in report["reconstruction"]] == [0, 1]
+    assert all(r["error_after"] < r["error_before"] for r in report["reconstruction"])
+    model, _ = load_model(out)
+    assert MaskSet.load(out / "mask.safetensors").verify(model)

@@ -165,7 +165,8 @@ class Scheduler:
                                     seqlen=p.seqlen or default_seqlen(model), seed=self.recipe.seed)
             result = prune_model(model, calib, prune_config(stage), base_masks=base, device=self.acc.device)
             masks = result.masks
-            report.update(seconds=round(result.seconds, 3), world=result.world, linears=result.stats)
+            report.update(seconds=round(result.seconds, 3), world=result.world, linears=result.stats,
+                          **({"reconstruction": result.reconstruction} if result.reconstruction else {}))
         if self.is_main:
             save_model(model, tok, out, extra_files={PRUNE_REPORT: json.dumps(report, indent=1).encode()})
             masks.save(out / "mask.safetensors")
@@ -181,7 +182,8 @@ class Scheduler:
                                 seqlen=p.seqlen or default_seqlen(config), seed=self.recipe.seed)
 
         def files(result) -> dict[str, bytes]:
-            report.update(seconds=round(result.seconds, 3), world=result.world, linears=result.stats, streamed=True)
+            report.update(seconds=round(result.seconds, 3), world=result.world, linears=result.stats, streamed=True,
+                          **({"reconstruction": result.reconstruction} if result.reconstruction else {}))
             return {PRUNE_REPORT: json.dumps(report, indent=1).encode()}
 
         self._release()
