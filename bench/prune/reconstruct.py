@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -62,6 +63,8 @@ def overlap(calib: torch.Tensor, tune: torch.Tensor) -> int:
 
 def child(args, name: str) -> dict:
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("sparsegpt.prune.reconstruct").setLevel(logging.INFO)  # one line per layer on stderr
     model, tok = load_model(args.model, dtype="float32", device="cpu")
     recon, nsamples = parse_run(name)
     nsamples = nsamples or args.nsamples
