@@ -194,3 +194,20 @@ def test_cli_reconstructs_and_reports_each_layer(tiny_llama_dir, tmp_path):
     assert all(r["error_after"] < r["error_before"] for r in report["reconstruction"])
     model, _ = load_model(out)
     assert MaskSet.load(out / "mask.safetensors").verify(model)
+
+
+def test_moe_experts_are_reconstructed_in_their_fused_parameters():
+    """Fused (experts, out, in) parameters: one trainable parameter, every pruned expert slice held at 0."""
+    import transformers as T
+    from dist_prune_worker import CONFIGS
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(CONFIGS["qwen2_moe"](), dtype=torch.float32).eval()
+    before = copy.deepcopy(model)
+    result = prune_model(model, calib(vocab=128), PruneConfig(sparsity=0.5, batch_size=3, min_expert_tokens=64,
+                                                             reconstruct=ReconstructConfig(passes=2, batch=3)))
+    assert all(r["error_after"] < r["error_before"] for r in result.reconstruction), result.reconstruction
+    assert result.masks.verify(model)
+    experts = [n for n in result.masks.masks if ".experts." in n]
+    assert experts and any(not torch.equal(a, b) for (n, a), b in zip(model.named_parameters(), before.parameters())
+                           if ".experts." in n)
