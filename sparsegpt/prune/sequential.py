@@ -7,7 +7,8 @@ position ids, rotary cos/sin per layer type, alibi, ...) are captured from the m
 exactly. Fused MoE experts get one Hessian per expert from the tokens routed to it (`sparsegpt.prune.experts`).
 Only the current layer is moved to `device`. Under a process group every rank takes part: its share of the
 calibration rows, Hessians summed by all-reduce, the layer's groups spread over the ranks and broadcast
-(`sparsegpt.prune.distributed`); a world of one is the single-process pass.
+(`sparsegpt.prune.distributed`); a world of one is the single-process pass. With `reconstruct`, each solved layer's
+kept weights are trained towards the dense layer's outputs before it is propagated (`sparsegpt.prune.reconstruct`).
 """
 
 from __future__ import annotations
