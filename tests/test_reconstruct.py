@@ -187,9 +187,9 @@ def test_cli_reconstructs_and_reports_each_layer(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["prune", "--model", str(tiny_llama_dir), "--calib", "stdlib-docs", "--nsamples", "4", "--seqlen",
                      "16", "--sparsity", "0.6", "--reconstruct", "--reconstruct-passes", "2", "--reconstruct-inputs",
-                     "pruned", "--out", str(out)]) == 0
+                     "pruned", "--reconstruct-lr", "1e-3", "--out", str(out)]) == 0
     report = json.loads((out / "sparsity.json").read_text())
-    assert report["reconstruct"] == {"passes": 2, "lr": 1e-3, "batch": 4, "inputs": "pruned"}
+    assert report["reconstruct"] == {"passes": 2, "lr": 1e-3, "batch": 2, "inputs": "pruned"}
     assert [r["layer"] for r in report["reconstruction"]] == [0, 1]
     assert all(r["error_after"] < r["error_before"] for r in report["reconstruction"])
     model, _ = load_model(out)

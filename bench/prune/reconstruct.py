@@ -8,7 +8,7 @@ train split (not the evaluation windows; hyper-parameters are chosen on it; its 
 measured and reported). Rows are appended to --json as they finish (a rerun skips the runs already there), then the
 Markdown report is written to --out.
 
-Run names: `oneshot`, `dense` (the unpruned model, for scale) or `INPUTS:PASSES:LR:BATCH[:NSAMPLES]`, e.g.
+Run names: `oneshot[:NSAMPLES]`, `dense` (the unpruned model, for scale) or `INPUTS:PASSES:LR:BATCH[:NSAMPLES]`, e.g.
 `dense:20:1e-3:4` (inputs dense, 20 passes, lr 1e-3, 4 rows a step) or `pruned:10:1e-3:4:128`.
 
   python bench/prune/reconstruct.py --runs oneshot dense:20:1e-3:4 pruned:20:1e-3:4 \\
@@ -43,6 +43,8 @@ def parse_run(name: str) -> tuple[ReconstructConfig | None, int | None]:
     """(reconstruction config or None, calibration rows or None = --nsamples) of a run name."""
     if name in ("oneshot", "dense"):
         return None, None
+    if name.startswith("oneshot:"):  # oneshot:NSAMPLES
+        return None, int(name.split(":")[1])
     parts = name.split(":")
     inputs, passes, lr, batch = parts[:4]
     return (ReconstructConfig(passes=int(passes), lr=float(lr), batch=int(batch), inputs=inputs),

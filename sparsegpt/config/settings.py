@@ -87,9 +87,9 @@ class ReconstructSettings(_Strict):
     """Layer-wise reconstruction after each decoder layer's solve (`reconstruct.ReconstructConfig`, same fields):
     Adam `passes` over the calibration rows, `batch` rows a step, on the dense or the pruned prefix's outputs."""
 
-    passes: int = Field(20, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch: int = Field(4, ge=1)
+    passes: int = Field(4, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    batch: int = Field(2, ge=1)
     inputs: Literal["dense", "pruned"] = "dense"
 
 
