@@ -52,10 +52,11 @@ CASES = {
     # reconstruction: step chunk 1 (rows 3-5) is split over the ranks (4 + 3 rows), so the all-reduced gradient
     # sums what one process sums in one piece; pruned inputs with forward batches of 2 inside steps of 4 rows
     "llama-recon": ("llama", 7, PruneConfig(sparsity=0.5, batch_size=3, reconstruct=ReconstructConfig(
-        passes=2, batch=3, inputs="dense"))),
+        passes=2, lr=1e-3, batch=3, inputs="dense"))),
     "llama-recon-pruned": ("llama", 7, PruneConfig(sparsity=0.5, batch_size=2, reconstruct=ReconstructConfig(
-        passes=2, batch=4, inputs="pruned"))),
-    "one-row-recon": ("llama", 1, PruneConfig(sparsity=0.5, reconstruct=ReconstructConfig(passes=2, batch=1))),
+        passes=2, lr=1e-3, batch=4, inputs="pruned"))),
+    "one-row-recon": ("llama", 1, PruneConfig(sparsity=0.5, reconstruct=ReconstructConfig(
+        passes=2, lr=1e-3, batch=1))),
 }
 SEQLEN = 12
 
