@@ -102,7 +102,7 @@ def sharded(sources, calib, tmp_path_factory) -> Path:
     ("llama-tied", {"allocation": "owl", "owl_lambda": 0.2}, "auto"),
     ("opt", {}, "auto"),
     ("llama-tied", {}, "bfloat16"),
-    ("llama", {"reconstruct": ReconstructConfig(passes=2, lr=1e-3, batch=3)}, "auto"),
+    ("llama", {"reconstruct": ReconstructConfig(passes=2, lr=1e-3, batch=3, inputs="dense")}, "auto"),
     ("llama-tied", {"reconstruct": ReconstructConfig(passes=2, lr=1e-3, batch=2, inputs="pruned")}, "bfloat16"),
 ], ids=["llama", "llama-tied-owl", "opt", "llama-tied-bf16", "llama-recon", "llama-tied-bf16-recon-pruned"])
 def test_streamed_equals_in_memory_bitwise(sources, calib, tiny_tokenizer, tmp_path, source, settings, dtype):

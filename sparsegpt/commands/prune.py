@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconstruct-lr", type=float, help="reconstruction: Adam learning rate (3e-3)")
     p.add_argument("--reconstruct-batch", type=int, help="reconstruction: calibration rows per step (2)")
     p.add_argument("--reconstruct-inputs", choices=["dense", "pruned"],
-                   help="reconstruction: train each layer on the dense prefix's outputs or the pruned one's (dense)")
+                   help="reconstruction: train each layer on the dense prefix's outputs or the pruned one's (pruned)")
     p.add_argument("--device", default=None,
                    help="where each decoder layer is pruned (default: cuda if available, else cpu; the rest of the "
                         "model stays on CPU)")

@@ -90,7 +90,7 @@ class ReconstructSettings(_Strict):
     passes: int = Field(4, ge=1)
     lr: float = Field(3e-3, gt=0)
     batch: int = Field(2, ge=1)
-    inputs: Literal["dense", "pruned"] = "dense"
+    inputs: Literal["dense", "pruned"] = "pruned"
 
 
 class PruneSettings(_Strict):

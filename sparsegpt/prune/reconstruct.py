@@ -47,7 +47,7 @@ class ReconstructConfig:
     passes: int = 4      # defaults: the best on the tune slice at <= 5x the one-shot pass's time, SmolLM2-135M at 90 %
     lr: float = 3e-3     # (bench/prune/results_reconstruct.md)
     batch: int = 2
-    inputs: str = "dense"
+    inputs: str = "pruned"
 
     def validate(self) -> None:
         """Raise UserError on the first bad field."""
