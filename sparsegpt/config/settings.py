@@ -5,7 +5,6 @@ distributed), the field types they share, and `ResolvedStage`. They are the sour
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
@@ -13,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from sparsegpt.config.hooks import HOOKS
+from sparsegpt.config.strict import Strict as _Strict
 from sparsegpt.core.errors import UserError
 
 PHASES = ("pruned", "finetuned")
@@ -62,24 +62,6 @@ def _pruned_fraction(target: float | str) -> float:
     """The fraction of weights a target prunes (N/M for N:M)."""
     n, m = _nm(target)
     return n / m if m else float(target)
-
-
-class _Strict(BaseModel):
-    """Base of every recipe section: unknown keys are errors that list the allowed ones."""
-
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            allowed = [field.alias or name for name, field in cls.model_fields.items()]
-            for key in data:
-                if key not in allowed and key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), allowed, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ValueError(f"unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
-        return data
 
 
 # ------------------------------------------------------------------------------------------- sections
