@@ -37,13 +37,24 @@ def cpu_with(monkeypatch, tmp_path):
     precision.cpu_flags.cache_clear()
 
 
-@pytest.mark.parametrize("flags, expected", [("avx2 amx_bf16 amx_tile", "bf16"), ("avx512f avx512_bf16", "bf16"),
-                                             ("avx2 avx512f", "no"), ("", "no")])
-def test_auto_picks_bf16_only_where_the_cpu_has_native_bf16(cpu_with, flags, expected):
+@pytest.mark.parametrize("flags", ["avx2 amx_bf16 amx_tile", "avx512f avx512_bf16", "avx2 avx512f", ""])
+def test_auto_keeps_fp32_on_every_cpu_and_says_why(cpu_with, flags):
     cpu_with(flags)
     value, why = resolve_mixed_precision("auto", "float32")
-    assert value == expected
+    assert value == "no"
     assert ("amx_bf16" in why or "avx512_bf16" in why)
+    assert ("not yet shown" in why) == ("bf16" in flags)  # native: fp32 for quality; emulated: fp32 for speed
+
+
+@pytest.fixture
+def cuda_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "H100")
+
+
+def test_auto_picks_bf16_on_a_gpu_with_bf16(cuda_bf16):
+    assert resolve_mixed_precision("auto", "float32") == ("bf16", "CUDA device H100 supports bf16")
 
 
 def test_auto_follows_half_precision_weights_and_leaves_explicit_values(cpu_with):
@@ -66,15 +77,14 @@ def test_missing_cpuinfo_means_no_native_bf16(monkeypatch, tmp_path):
         precision.cpu_flags.cache_clear()
 
 
-def test_recipe_auto_is_resolved_logged_and_recorded_in_the_run_recipe(cpu_with, caplog):
-    cpu_with("amx_bf16")
+def test_recipe_auto_is_resolved_logged_and_recorded_in_the_run_recipe(cuda_bf16, caplog):
     recipe = Recipe.model_validate({"name": "t", "model": "m", "data": {"calibration": "stdlib-docs"},
                                     "distributed": {"mixed_precision": "auto"},
                                     "defaults": {"finetune": {"steps": 1}}, "stages": [{"name": "a", "target": 0.5}]})
     with caplog.at_level(logging.INFO, logger="sparsegpt.run.configs"):
         resolved = with_mixed_precision(recipe)
     assert resolved.distributed.mixed_precision == "bf16"
-    assert "mixed precision auto -> bf16 (CPU has amx_bf16)" in caplog.text
+    assert "mixed precision auto -> bf16 (CUDA device H100 supports bf16)" in caplog.text
     assert "mixed_precision: bf16" in resolved.to_yaml()  # what the run dir keeps: resuming elsewhere is checked
     assert resolved.fingerprint() != recipe.fingerprint()
     plain = recipe.model_copy(update={"distributed": recipe.distributed.model_copy(update={"mixed_precision": "no"})})

@@ -1,8 +1,12 @@
 """`mixed_precision: auto`: bf16 autocast where the hardware multiplies bf16 natively, fp32 everywhere else.
 
-CUDA GPUs with bf16 (Ampere and later) and x86 CPUs with AMX-BF16 or AVX512-BF16 run bf16 matmuls faster than
-fp32. Other CPUs emulate them: on an AMD EPYC with neither (bench/RESULTS.md, 2026-12-01) a SmolLM2-135M training
-step under bf16 autocast ran 16× slower than in fp32, so `auto` keeps fp32 there. A recipe whose weights are
+CUDA GPUs with bf16 (Ampere and later) get bf16 autocast over fp32 weights, the field's default there. CPUs get
+fp32, with or without native bf16: where bf16 is emulated (an AMD EPYC without AMX-BF16/AVX512-BF16, bench/RESULTS.md,
+2026-12-01) a SmolLM2-135M training step ran 16× slower than fp32; where it is native (an AMX Xeon, 2026-12-06) it
+ran 1.43× faster, but the one measured heal (one-shot 90 %, 16 k tokens, lr 1e-3) ended at 223.8 / 1142 perplexity
+against fp32's 198.0 / 1024 — one seed each, so not yet known to be noise. Until a comparison over >= 2 seeds shows
+bf16 within fp32's seed spread on such a CPU, `auto` does not trade quality for that speed; set
+`mixed_precision: bf16` to choose it. A recipe whose weights are
 stored in bfloat16 or float16 gets the matching autocast (the only ones its dtype allows).
 
 Half-precision weights are trained only where float32 master weights exist (`check_master_weights`): under
@@ -54,6 +58,8 @@ def resolve_mixed_precision(value: str, dtype: str) -> tuple[str, str]:
     if dtype in ("bfloat16", "float16"):
         return ("bf16" if dtype == "bfloat16" else "fp16"), f"the weights are {dtype}"
     ok, why = native_bf16()
+    if ok and not torch.cuda.is_available():  # native on this CPU, but its quality is not shown yet (docstring)
+        return "no", f"{why}, but bf16 healing on CPUs is not yet shown to match fp32 (set mixed_precision: bf16)"
     return ("bf16" if ok else "no"), why
 
 
