@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo (README Quickstart): SmolLM2-135M pruned to 90 % sparsity in one shot, then healed by fine-tuning,
-# offline, on CPU, in about 7 minutes on 2 cores. Run it again to resume; the run lives in runs/demo.
+# offline, on CPU, in 4-9 minutes on 2 cores. Run it again to resume; the run lives in runs/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
