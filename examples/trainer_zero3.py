@@ -51,4 +51,4 @@ if trainer.is_world_process_zero():
     tokenizer.save_pretrained(args.out)
     mask.save(Path(args.out) / "mask.safetensors")
     print(f"saved {args.out}: {mask.sparsity():.1%} of the masked weights exactly 0 (verified in training)")
-trainer.accelerator.end_training()  # every rank leaves the process group before exiting
+trainer.accelerator.end_training()  # leave the process group; at exit sparsegpt.core.world waits out its gloo threads

@@ -23,7 +23,7 @@ import transformers as T
 from sparsegpt import cli
 from sparsegpt.core.architectures import decoder_layers
 from sparsegpt.core.errors import UserError
-from sparsegpt.core.world import init_from_env
+from sparsegpt.core.world import init_from_env, leave
 from sparsegpt.prune import sequential
 from sparsegpt.prune.reconstruct import ReconstructConfig
 from sparsegpt.prune.sequential import LayerAccess, PruneConfig, prune_model
@@ -126,8 +126,8 @@ def main(out: Path, model_dir: str | None) -> None:
         good = cli.main([*common, "--sparsity", "0.5", "--nsamples", "5", "--out", str(out / "cli")])
         bad = cli.main([*common, "--sparsity", "0.5", "--nsamples", "0", "--out", str(out / "cli-bad")])
         (out / f"cli-rank{world.rank}.json").write_text(json.dumps({"good": good, "bad": bad}))
-    dist.barrier()  # both ranks done before teardown: a rank tearing gloo down under the other aborted it once
-    dist.destroy_process_group()
+    dist.barrier()  # every rank done with collectives
+    leave()  # the group's gloo threads joined before the interpreter finalizes (core/world.py says why)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from zero_worker import magnitude_prune, tiny_llama, toy_ids
 
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
+from sparsegpt.core.world import leave
 from sparsegpt.heal.guard import MaskGuard, mask_report
 from sparsegpt.heal.trainer import SparseMaskCallback, cpu_deepspeed_arguments
 
@@ -138,8 +139,8 @@ def main(out: str, backend: str) -> None:
     import torch.distributed as dist
 
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
-    dist.barrier()  # leave together, the process group torn down before the interpreter's own teardown
-    dist.destroy_process_group()
+    dist.barrier()  # every rank done with collectives
+    leave()  # the group's gloo threads joined before the interpreter finalizes (core/world.py says why)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ Work is split deterministically: `share(n)` gives rank r the contiguous items [r
 
 from __future__ import annotations
 
+import atexit
+import gc
+import inspect
+import logging
 import os
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, TypeVar
@@ -20,6 +26,7 @@ from torch import Tensor
 from sparsegpt.core.errors import UserError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # How long a collective waits for the slowest rank before the job is killed. NCCL's default is 10 min (gloo's 30)
 # and DeepSpeed's `init_distributed` also defaults to 10 min, while rank 0 alone saves or verifies a 70B model, or
@@ -98,6 +105,93 @@ def init_from_env() -> World:
         else:
             dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return World.current()
+
+
+# -- leaving the process group before the interpreter finalizes ------------------------------------------------
+# A gloo process group runs worker threads that drop each finished collective's tensors after the caller's wait()
+# has returned; dropping a tensor that has a Python object takes the GIL. If such a drop is still pending when the
+# interpreter finalizes, CPython ends that thread (pthread_exit in take_gil), the unwind crosses a noexcept
+# destructor (ProcessGroupGloo::AsyncWork, called from runLoop) and libstdc++ aborts the whole process:
+# "terminate called without an active exception", SIGABRT after the job's work is done. Only the group's destructor
+# joins those threads; `destroy_process_group` frees the group only when no other reference holds it (gloo's
+# `shutdown` leaves the threads running), and DeepSpeed holds one whenever `deepspeed.comm` was first imported
+# after the group started (transformers' `save_pretrained` imports it): `TorchBackend.barrier` and
+# `monitored_barrier` take `group=GroupMember.WORLD` as a default argument, evaluated at import (`leave` unpins it).
+# DeepSpeed ZeRO-3 also keeps its groups on every parameter (`ds_process_group`), in `Init` and in its engines, with no
+# call that lets go of them; then the threads outlive the group, and `leave` instead waits until they are idle
+# (asleep in their queue, nothing left to drop), which is all the finalization needs.
+
+def _gloo_thread_states() -> list[str]:
+    """The scheduler state (R running, S sleeping, ...) of each gloo worker thread of this process (Linux; none
+    where /proc is missing)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    states = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if name.startswith("pt_gloo_runloop"):
+            states.append(rest[0])
+    return states
+
+
+def _gloo_threads() -> int:
+    return len(_gloo_thread_states())
+
+
+def _let_gloo_threads_settle(quiet: float = 0.1, limit: float = 5.0) -> None:
+    """Hold no GIL until every gloo worker thread has slept for `quiet` seconds in a row (at most `limit`): a thread
+    that still had a finished collective's tensors to drop takes the GIL meanwhile and then sleeps in its queue."""
+    start = last_busy = time.monotonic()
+    while time.monotonic() - last_busy < quiet and time.monotonic() - start < limit:
+        time.sleep(0.005)
+        if any(state != "S" for state in _gloo_thread_states()):
+            last_busy = time.monotonic()
+
+
+def _unpin_deepspeed_defaults() -> None:
+    """Point DeepSpeed's `TorchBackend.barrier`/`monitored_barrier` default `group` back to None (which they read as
+    the default group at call time) where it captured a process group at import, so that group can be freed."""
+    backend = getattr(sys.modules.get("deepspeed.comm.torch"), "TorchBackend", None)
+    for name in ("barrier", "monitored_barrier"):
+        fn = inspect.unwrap(getattr(backend, name, None) or (lambda: None))
+        if fn.__defaults__ and any(isinstance(d, dist.ProcessGroup) for d in fn.__defaults__):
+            fn.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in fn.__defaults__)
+
+
+def leave() -> None:
+    """Destroy the default process group (and every subgroup) so that its destructor joins its gloo worker threads
+    now: none is left dropping a tensor when the interpreter finalizes (see above). Call it once this rank is done
+    with collectives; at exit, any process that imported this module runs it if gloo threads still run then (every
+    entry point of this project imports it). Where a reference it cannot release keeps a group, and so its threads,
+    alive (DeepSpeed ZeRO-3's parameters and engines), it waits until those threads are idle instead."""
+    if not dist.is_available():
+        return
+    _unpin_deepspeed_defaults()  # also when the caller destroyed the group already: it may be held here
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if _gloo_threads():
+        gc.collect()  # a group held only in a reference cycle goes now, not during finalization
+    if _gloo_threads():  # still held: DeepSpeed ZeRO-3 keeps its groups on every parameter and engine
+        log.debug("a gloo process group outlives destroy_process_group (still referenced); waiting for its threads")
+        _let_gloo_threads_settle()
+
+
+def _leave_at_exit() -> None:
+    """`leave` for a process that still runs gloo worker threads at exit (a group no one destroyed, or one destroyed
+    but still held); atexit runs it before the interpreter finalizes. Nothing to do otherwise (NCCL groups included:
+    their teardown is torch's)."""
+    if _gloo_threads():
+        leave()
+
+
+atexit.register(_leave_at_exit)
 
 
 def rank_device(arg: str | None, world: World) -> str:
