@@ -20,10 +20,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from sparsegpt.config.hooks import HookContext, validate_hooks
-from sparsegpt.core.world import World, init_from_env, rank_device
+from sparsegpt.core.world import World, joined, rank_device
 from sparsegpt.evaluate.runners import run_hooks
 from sparsegpt.run.compare import format_value
 from sparsegpt.storage.compact import folder_masks
@@ -87,13 +86,8 @@ def run(args: argparse.Namespace) -> int:
     """Join the launch's process group (if any: under torchrun the perplexity windows are split over the ranks,
     each on its own GPU), load the model (and its mask, if saved with one), run the hooks; the main process
     prints and writes the results."""
-    owned = not dist.is_initialized()
-    world = init_from_env()
-    try:
+    with joined() as world:
         return _run(args, world)
-    finally:
-        if owned and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace, world: World) -> int:

@@ -29,13 +29,12 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch.distributed as dist
 from transformers import AutoConfig
 
 from sparsegpt.core.data import calibration_ids, check_source, default_seqlen
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
-from sparsegpt.core.world import World, agree, init_from_env
+from sparsegpt.core.world import World, agree, joined
 from sparsegpt.core.world import rank_device as _device  # --device: under a launch, cuda is this rank's GPU
 from sparsegpt.prune.reconstruct import ReconstructConfig
 from sparsegpt.prune.sequential import PruneConfig, prune_model
@@ -142,13 +141,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Join the launch's process group (if any), prune on every rank, write the folder on the main one."""
-    owned = not dist.is_initialized()
-    world = init_from_env()
-    try:
+    with joined() as world:
         return _run(args, world)
-    finally:
-        if owned and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _settings(args: argparse.Namespace) -> tuple[PruneConfig, MaskSet | None]:

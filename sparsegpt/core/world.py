@@ -9,12 +9,14 @@ Work is split deterministically: `share(n)` gives rank r the contiguous items [r
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import inspect
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, TypeVar
@@ -181,6 +183,20 @@ def leave() -> None:
     if _gloo_threads():  # still held: DeepSpeed ZeRO-3 keeps its groups on every parameter and engine
         log.debug("a gloo process group outlives destroy_process_group (still referenced); waiting for its threads")
         _let_gloo_threads_settle()
+
+
+@contextlib.contextmanager
+def joined() -> Iterator[World]:
+    """The launch's process group for one command (`sparsegpt prune`, `eval`): joined through `init_from_env` unless
+    this process is in one already (a caller's group is left alone), and left through `leave` afterwards when it
+    was joined here, also on errors."""
+    owned = not dist.is_initialized()
+    world = init_from_env()
+    try:
+        yield world
+    finally:
+        if owned and dist.is_initialized():
+            leave()
 
 
 def _leave_at_exit() -> None:
