@@ -1,7 +1,9 @@
 """One writer per run dir: `RUN_DIR/.lock`, taken by the main process before it writes anything, released at exit.
 
 What it relies on (NFS, Lustre and local disks alike):
-- creating the lock is `open(O_CREAT | O_EXCL)`, atomic on every POSIX filesystem and on NFSv3+;
+- creating the lock is a hard link from a private, complete temp file to `.lock` (fails if the name exists,
+  atomically, on every POSIX filesystem and NFS), so no starter ever reads a half-written lock and refuses
+  naming "an unknown process"; where hard links are unsupported, `open(O_CREAT | O_EXCL)` then a write;
 - the lock names its holder: host, pid, the pid's start time and the boot id (so a reused pid or a rebooted host
   is not mistaken for the holder), the start time, a random token;
 - a heartbeat thread refreshes the lock's mtime every `HEARTBEAT_S`; a holder on another host is presumed alive
@@ -107,12 +109,26 @@ class RunLock:
 
     # -- internals ----------------------------------------------------------------------------------------------
     def _create(self) -> bool:
+        """Create the lock whole (module docstring); False if it exists."""
+        tmp = self.path.with_name(f"{LOCK_NAME}.{self._token}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(self.info()).encode())
+            f.flush()
+            os.fsync(f.fileno())
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.path)
+            fd = os.open(self.path, os.O_WRONLY)
         except FileExistsError:
             return False
-        os.write(fd, json.dumps(self.info()).encode())
-        os.fsync(fd)
+        except OSError:  # no hard links on this filesystem: create-exclusive, then write (a reader may see it empty)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            os.write(fd, json.dumps(self.info()).encode())
+            os.fsync(fd)
+        finally:
+            tmp.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # extra guard only: unsupported on some network filesystems
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._fd = fd
