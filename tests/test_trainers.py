@@ -147,6 +147,34 @@ def test_trl_sft_full_and_lora_keep_the_mask_and_lora_merges_sparse(make_tiny_mo
     assert mask_report(masks, trainer.model, trainer.optimizer).nonzero == EXACT
 
 
+@pytest.mark.slow
+def test_trl_sft_resume_from_a_checkpoint_keeps_the_mask_and_equals_the_uninterrupted_run(make_tiny_model,
+                                                                                           tiny_tokenizer, tmp_path):
+    """SFTTrainer saves at step 2 of 4; a fresh trainer resumed from that checkpoint (weights, Adam moments, data
+    order restored by the Trainer, the callback re-attached on train begin) ends exactly where the uninterrupted run
+    ends, with every pruned entry of the weights and both Adam moments exactly 0."""
+    from trl import SFTTrainer
+
+    data = _sft_dataset()
+
+    def trainer(out: Path) -> tuple:
+        model = make_tiny_model("llama")
+        masks = magnitude_prune(model)
+        args = _sft_config(out, max_steps=4, save_strategy="steps", save_steps=2)
+        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer,
+                          callbacks=[SparseMaskCallback(masks)]), masks
+
+    whole, _ = trainer(tmp_path / "whole")
+    whole.train()
+    resumed, masks = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    assert mask_report(masks, resumed.model, resumed.optimizer).nonzero == EXACT
+    ours, theirs = resumed.model.state_dict(), whole.model.state_dict()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
 @pytest.fixture
 def pruned_dir(tiny_llama_dir, tmp_path):
     """The tiny Llama magnitude-pruned to 70 %, saved with its mask.safetensors as `sparsegpt prune` leaves it."""
