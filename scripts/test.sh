@@ -2,7 +2,7 @@
 # The test command (README Quickstart, and .ci/run): install once, then the whole suite.
 #   bash scripts/test.sh            # everything (what CI runs)
 #   bash scripts/test.sh --fast     # the everyday lane: everything but the tests marked `slow` (multi-process
-#                                   # launches, kill/resume, the real model), ~2 min idle on 2 cores
+#                                   # launches, kill/resume, the real model), ~2 min idle on 2 cores (2026-12-06)
 # Further arguments go to pytest (e.g. `bash scripts/test.sh --fast tests/test_solver.py -x`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
