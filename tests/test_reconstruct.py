@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 from pydantic import ValidationError
+from test_sequential import quiet_single_thread  # noqa: F401 (autouse fixture: no progress bars, one thread)
 
 from sparsegpt.config.recipe import to_dataclass
 from sparsegpt.config.settings import PruneSettings
@@ -25,15 +26,6 @@ from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.storage.models import load_model
 
 NSAMPLES, SEQLEN = 6, 32
-
-
-@pytest.fixture(autouse=True)
-def quiet_single_thread(monkeypatch):
-    monkeypatch.setenv("SPARSEGPT_NO_PROGRESS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def calib(vocab=512):
