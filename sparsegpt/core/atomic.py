@@ -37,9 +37,9 @@ class DiskFull(UserError):
 
     def __init__(self, folder: str | os.PathLike, need: int | None = None):
         self.folder, self.need, self.free = Path(folder), need, free_bytes(folder)
-        needed = f"about {_gib(need)} needed, " if need else ""
-        super().__init__(f"no space left on the device of {self.folder} ({needed}{_gib(self.free)} free); free some "
-                         "space (or point --run-dir elsewhere) and run the same command again: it resumes")
+        needed = f"about {size_text(need)} needed, " if need else ""
+        super().__init__(f"no space left on the device of {self.folder} ({needed}{size_text(self.free)} free); "
+                         "free some space (or point --run-dir elsewhere) and run the same command again: it resumes")
 
     def needing(self, need: int) -> DiskFull:
         """The same error with the bytes the whole write needs (as the caller estimates them)."""
@@ -80,7 +80,8 @@ def disk_full_as_error(folder: str | os.PathLike, need: int | None = None) -> It
         raise
 
 
-def _gib(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count for messages: GiB from 128 MiB up, MiB below."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from sparsegpt.config.recipe import Recipe, ResolvedStage
 from sparsegpt.core import signals
-from sparsegpt.core.atomic import DiskFull, free_bytes
+from sparsegpt.core.atomic import DiskFull, free_bytes, size_text
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.world import World, agree
 from sparsegpt.heal.checkpoint import KEEP_CHECKPOINTS
@@ -93,16 +93,12 @@ def check_disk(rd: RunDir, stage: ResolvedStage, finished: set[Phase], input_dir
     certain, estimate = stage_need(stage, finished, folder_bytes(input_dir), recipe)
     free = free_bytes(rd.root)
     if free < certain:
-        raise UserError(f"the filesystem of run dir {rd.root} has {_gib(free)} free but stage {stage.name} will write "
-                        f"at least {_gib(certain)} (its model folders and a checkpoint; about {_gib(estimate)} with "
-                        "all checkpoints); free some space or use another --run-dir")
+        raise UserError(f"the filesystem of run dir {rd.root} has {size_text(free)} free but stage {stage.name} "
+                        f"will write at least {size_text(certain)} (its model folders and a checkpoint; about "
+                        f"{size_text(estimate)} with all checkpoints); free some space or use another --run-dir")
     if free < estimate:
         log.warning("stage %s may write up to %.2f GiB (checkpoints included) but %s has %.2f GiB free",
                     stage.name, estimate / 2**30, rd.root, free / 2**30)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
 def repair_state(rd: RunDir, state: RunState, stages: list[ResolvedStage]) -> bool:
