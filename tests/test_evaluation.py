@@ -196,6 +196,20 @@ def test_perplexity_hook_uses_eval_windows(model, tokenizer):
     assert errors == {} and metrics == {"ppl/stdlib-docs": pytest.approx(expected, rel=1e-12)}
 
 
+def test_perplexity_hooks_on_two_splits_of_one_source_keep_both(model, tokenizer):
+    """A tune-split hook beside the test-split one (how a run reports what it was tuned on) gets its own key."""
+    from sparsegpt.core.data import eval_ids
+
+    hooks = [{"type": "perplexity", "source": "stdlib-docs", "seqlen": 32, "max_windows": 2, "split": s}
+             for s in ("test", "tune")]
+    validate_hooks(hooks)
+    metrics, errors = run_hooks(model, tokenizer, hooks, HookContext(device="cpu"))
+    tune = perplexity(model, eval_ids("stdlib-docs", tokenizer, seqlen=32, split="tune", max_windows=2))
+    assert errors == {} and set(metrics) == {"ppl/stdlib-docs", "ppl/stdlib-docs@tune"}
+    assert metrics["ppl/stdlib-docs@tune"] == pytest.approx(tune, rel=1e-12)
+    assert metrics["ppl/stdlib-docs@tune"] != pytest.approx(metrics["ppl/stdlib-docs"], rel=1e-6)
+
+
 @pytest.mark.parametrize("hooks, match", [
     ([{"type": "bleu"}], "type 'bleu' is unknown"),
     ([{"type": "perplexity"}], "required \\['source'\\]"),

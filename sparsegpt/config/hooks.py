@@ -103,8 +103,9 @@ def source_label(source: str) -> str:
 def hook_name(hook: dict) -> str:
     """The hook's label in `errors` and the prefix of its metric keys."""
     kind = hook["type"]
-    if kind == "perplexity":
-        return f"ppl/{source_label(str(hook['source']))}"
+    if kind == "perplexity":  # the test split is the plain key; another split is named: "ppl/stdlib-docs@tune"
+        split = hook.get("split", "test")
+        return f"ppl/{source_label(str(hook['source']))}" + ("" if split == "test" else f"@{split}")
     if kind == "lm_eval":
         return "lm_eval/" + "+".join(hook["tasks"])
     if kind == "custom":

@@ -4,7 +4,8 @@ hooks a recipe lists to run them after each phase.
 A hook is a dict with a `type` and its options:
 
     {"type": "perplexity", "source": "stdlib-docs", "seqlen": 256, "max_windows": 32, "layerwise": False,
-     "batch_size": 4, "split": "test"}                                  -> "ppl/<source>" (file sources: the stem)
+     "batch_size": 4, "split": "test"}                                  -> "ppl/<source>" (file sources: the stem;
+                                                                           another split: "ppl/<source>@<split>")
     {"type": "lm_eval", "tasks": [...], "num_fewshot": 0, "limit": 50, "include_path": "...", "batch_size": 1}
                                                                         -> "lm_eval/<task>/<metric>"
     {"type": "sparsity"}                                                -> "sparsity/overall", "sparsity/2:4", ...
