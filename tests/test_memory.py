@@ -129,6 +129,12 @@ def test_format_plan_lists_stages_and_memory():
     assert "0  a      0.5     sparsegpt/uniform 4x32  5 steps" in text  # 640 / (32 x 2 x 1 x 2)
     assert "one-shot" in text and "peak at a" in text and "perplexity(stdlib-docs)" in text
     assert "2 x 1 accum x 2 processes = 4 sequences per step" in text
+    hooks = [{"type": "perplexity", "source": "stdlib-docs", "split": s} for s in ("test", "tune")]
+    r = recipe(stages=[{"name": "a", "target": 0.9, "prune": {"reconstruct": {"passes": 2}},
+                        "eval": {"hooks": hooks}}])
+    text = format_plan(r, estimate(TINY, r, 1))
+    assert "+recon(2 passes, pruned inputs)" in text
+    assert "perplexity(stdlib-docs), perplexity(stdlib-docs@tune)" in text
 
 
 def test_plan_for_reads_only_the_config(tmp_path):

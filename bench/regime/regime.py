@@ -25,6 +25,16 @@ Recipes (the issue's list; how each spends the budget):
 The report (OUT/regime.md, OUT/regime.json, OUT/regime_sparsity.png, OUT/regime_tokens.png) gives per recipe and
 budget the perplexity at 80 % and 90 % in both domains (mean over seeds, and the spread where there are two),
 the seconds each run took, and the dense model's perplexities for scale.
+
+`--study tuned` (issue 20, item 4) re-runs it on the tuned toolkit, in its own OUT (runs/regime-tuned):
+  1. lr, chosen on the tune split only: recon-heal (SparseGPT 90 % + layer-wise reconstruction, then 16 k tokens)
+     at each of TUNE_LRS; every run also reports perplexity on 16 x 128 windows of the stdlib-docs *tune* split
+     (`ppl/stdlib-docs@tune`), and the lr with the lowest tune perplexity is the study's lr (`chosen_lr`; the
+     evaluation windows are never read to choose).
+  2. every tuned recipe at that lr: the earlier ones (oneshot-heal, prog4, prog4-kd, prog4-sqhead) and the new
+     ones with reconstruction (recon-heal, recon-heal80 for 80 % with the whole budget, prog4-recon,
+     recon-heal-kd), at 16 k and 64 k tokens, second seeds where the comparison is close. One-shot + reconstruction
+     without fine-tuning is the recon-heal runs' 'pruned' evaluation (as oneshot is oneshot-heal's).
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from pathlib import Path
 import yaml
 
 from sparsegpt.config.recipe import load_recipe
-from sparsegpt.run.rundir import Phase, read_state
+from sparsegpt.run.rundir import Phase, read_metrics, read_state
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("stdlib-docs", "debian-licenses")
@@ -78,14 +88,59 @@ PLAN = (
 )
 
 
+# The tuned study (`--study tuned`): name -> (targets, prune overrides, finetune overrides, budget weights)
+RECON = {"reconstruct": {}}  # the defaults: 4 Adam passes, lr 3e-3, pruned inputs (bench/prune/results_reconstruct.md)
+TUNED_RECIPES = {
+    "oneshot-heal": ((0.9,), {}, {}, None),
+    "recon-heal": ((0.9,), RECON, {}, None),
+    "recon-heal80": ((0.8,), RECON, {}, None),
+    "recon-heal-kd": ((0.9,), RECON, {"kd": KD_LOGIT}, None),
+    "prog4": (PROGRESSIVE4, {}, {}, None),
+    "prog4-recon": (PROGRESSIVE4, RECON, {}, None),
+    "prog4-kd": (PROGRESSIVE4, {}, {"kd": KD_LOGIT}, None),
+    "prog4-sqhead": (PROGRESSIVE4, {}, {"kd": KD_SQUAREHEAD}, None),
+}
+TUNE_LRS = ("3e-4", "1e-3", "3e-3")
+TUNE_RECIPE = "recon-heal"
+TUNE_KEY = "ppl/stdlib-docs@tune"
+# After the lr rows: the large budget for the recipes that carry the answer (Done-when at 90 % and 80 %, the lever
+# rows: lr alone, + reconstruction, + schedule, + KD), then the small budget, then second seeds.
+TUNED_PLAN = (
+    [("recon-heal", LARGE, 0), ("recon-heal80", LARGE, 0), ("oneshot-heal", LARGE, 0), ("prog4", LARGE, 0)]
+    + [("recon-heal-kd", LARGE, 0), ("prog4-kd", LARGE, 0)]
+    + [(name, SMALL, 0) for name in ("oneshot-heal", "recon-heal80", "prog4", "prog4-recon", "prog4-kd",
+                                     "prog4-sqhead")]
+    + [("recon-heal", LARGE, 1), ("recon-heal", SMALL, 1), ("oneshot-heal", SMALL, 1)]
+)
+
+
+def tune_name(lr: str) -> str:
+    return f"{TUNE_RECIPE}-lr{lr}-{SMALL // 1024}k-s0"
+
+
+def chosen_lr(out: Path) -> float | None:
+    """The lr of TUNE_LRS whose recon-heal run reached the lowest tune-split perplexity; None until all finished."""
+    scores = {}
+    for lr in TUNE_LRS:
+        records = [r for r in read_metrics(out / "runs" / tune_name(lr)) if r["phase"] == "finetuned"] \
+            if (out / "runs" / tune_name(lr) / "metrics.jsonl").is_file() else []
+        if not records:
+            return None
+        scores[lr] = records[-1]["metrics"][TUNE_KEY]
+    return float(min(scores, key=scores.get))
+
+
 def run_name(recipe: str, budget: int, seed: int) -> str:
     return f"{recipe}-{budget // 1024}k-s{seed}"
 
 
-def build_recipe(recipe: str, budget: int, seed: int) -> dict:
-    """The progressive-run recipe of one study run (plain YAML data)."""
-    targets, prune, finetune, weights = RECIPES[recipe]
+def build_recipe(recipe: str, budget: int, seed: int, *, lr: float | None = None, name: str | None = None) -> dict:
+    """The progressive-run recipe of one study run (plain YAML data); `lr` given: a run of the tuned study."""
+    targets, prune, finetune, weights = (RECIPES if lr is None else TUNED_RECIPES)[recipe]
     hooks = [{"type": "perplexity", "source": s, "seqlen": SEQLEN, "max_windows": WINDOWS} for s in SOURCES]
+    if lr is not None:
+        hooks.append({"type": "perplexity", "source": "stdlib-docs", "split": "tune", "seqlen": SEQLEN,
+                      "max_windows": WINDOWS // 2})
     # evaluated: each stage at 80 % and above after its fine-tune (and the one-shot recipe's model before it,
     # which is recipe (a)); earlier stages are not (each evaluation costs ~75 s here; the two large-budget runs of
     # 2026-12-01 were started before this rule and evaluated every stage, both phases at 90 %)
@@ -96,7 +151,7 @@ def build_recipe(recipe: str, budget: int, seed: int) -> dict:
     if len(stages) == 1:
         stages[0]["eval"] = {"phases": ["pruned", "finetuned"]}
     return {
-        "name": run_name(recipe, budget, seed),
+        "name": name or run_name(recipe, budget, seed),
         "model": "smollm2-135m",
         "dtype": "float32",
         "seed": seed,
@@ -105,26 +160,44 @@ def build_recipe(recipe: str, budget: int, seed: int) -> dict:
         "budget": {"tokens": budget, **({"weights": list(weights)} if weights else {})},
         "defaults": {
             "prune": {"method": "sparsegpt", "nsamples": 32, "seqlen": SEQLEN, "batch_size": 8, **prune},
-            "finetune": {"seqlen": SEQLEN, "lr": 1.0e-4, "warmup_ratio": 0.1, "schedule": "cosine",
-                         "max_grad_norm": 1.0, "log_every": 8, **finetune},
+            "finetune": {"seqlen": SEQLEN, "lr": 1.0e-4 if lr is None else lr, "warmup_ratio": 0.1,
+                         "schedule": "cosine", "max_grad_norm": 1.0, "log_every": 8, **finetune},
             "eval": {"hooks": hooks + [{"type": "sparsity"}], "phases": ["finetuned"]},
         },
         "stages": stages,
     }
 
 
-def write_recipes(out: Path, plan: list[tuple[str, int, int]]) -> list[tuple[str, Path]]:
+def write_recipes(out: Path, plan: list[tuple[str, int, int]], lr: float | None = None,
+                  names: list[str] | None = None) -> list[tuple[str, Path]]:
     folder = out / "recipes"
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for recipe, budget, seed in plan:
-        path = folder / f"{run_name(recipe, budget, seed)}.yaml"
-        text = yaml.safe_dump(build_recipe(recipe, budget, seed), sort_keys=False)
-        started = (out / "runs" / run_name(recipe, budget, seed) / "recipe.yaml").exists()
+    for i, (recipe, budget, seed) in enumerate(plan):
+        name = names[i] if names else run_name(recipe, budget, seed)
+        path = folder / f"{name}.yaml"
+        text = yaml.safe_dump(build_recipe(recipe, budget, seed, lr=lr, name=name), sort_keys=False)
+        started = (out / "runs" / name / "recipe.yaml").exists()
         if not started and (not path.exists() or path.read_text() != text):
             path.write_text(text)  # a started run keeps the recipe it was started with (its run dir checks it)
-        written.append((run_name(recipe, budget, seed), path))
+        written.append((name, path))
     return written
+
+
+def tuned_runs(out: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """(the lr rows, the rest at the chosen lr: empty until the lr rows finished)."""
+    lr_rows = []
+    for lr in TUNE_LRS:
+        lr_rows += write_recipes(out, [(TUNE_RECIPE, SMALL, 0)], lr=float(lr), names=[tune_name(lr)])
+    lr = chosen_lr(out)
+    return lr_rows, ([] if lr is None else write_recipes(out, list(TUNED_PLAN), lr=lr))
+
+
+def run_all(out: Path, runs: list[tuple[str, Path]], jobs: int, threads: int) -> None:
+    todo = [(n, r) for n, r in runs if not finished(out / "runs" / n)]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for name, rc, seconds in pool.map(lambda nr: run_one(*nr, out, threads), todo):
+            print(f"{name}: exit {rc} after {seconds:.0f} s", flush=True)
 
 
 def run_one(name: str, recipe: Path, out: Path, threads: int) -> tuple[str, int, float]:
@@ -172,7 +245,11 @@ def main() -> int:
     p.add_argument("--only", default=None, help="comma-separated run names of the plan to run (default: all)")
     p.add_argument("--plan", action="store_true", help="write the recipes and print the plan; run nothing")
     p.add_argument("--report", action="store_true", help="only write the report from finished runs")
+    p.add_argument("--study", choices=("2026-12-01", "tuned"), default="2026-12-01",
+                   help="the first study (lr 1e-4, no reconstruction) or its re-run on the tuned toolkit")
     args = p.parse_args()
+    if args.study == "tuned":
+        return tuned_main(args)
     plan = list(PLAN)
     if args.only:
         wanted = set(args.only.split(","))
@@ -187,13 +264,32 @@ def main() -> int:
         return 0
     if not args.report:
         dense_metrics(args.out, args.threads)
-        todo = [(n, r) for n, r in runs if not finished(args.out / "runs" / n)]
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for name, rc, seconds in pool.map(lambda nr: run_one(*nr, args.out, args.threads), todo):
-                print(f"{name}: exit {rc} after {seconds:.0f} s", flush=True)
+        run_all(args.out, runs, args.jobs, args.threads)
     from regime_report import write_report  # noqa: E402 -- matplotlib only when reporting
 
     print(write_report(args.out, dense_metrics(args.out, args.threads), [run_name(*r) for r in PLAN]))
+    return 0
+
+
+def tuned_main(args) -> int:
+    """The tuned study: the lr rows, the lr chosen on the tune split, then the plan at that lr (or --only's runs)."""
+    lr_rows, rest = tuned_runs(args.out)
+    if args.plan:
+        lr = chosen_lr(args.out)
+        print(f"lr: {'chosen on the tune split: ' + repr(lr) if lr else 'not chosen yet (lr rows unfinished)'}")
+        for name, path in lr_rows + rest:
+            print(f"{name:32s} {'done' if finished(args.out / 'runs' / name) else 'to run':7s} {path}")
+        return 0
+    if not args.report:
+        dense_metrics(args.out, args.threads)
+        run_all(args.out, lr_rows, args.jobs, args.threads)
+        lr_rows, rest = tuned_runs(args.out)
+        if args.only:
+            rest = [r for r in rest if r[0] in set(args.only.split(","))]
+        run_all(args.out, rest, args.jobs, args.threads)
+    from regime_report import write_tuned_report  # noqa: E402 -- matplotlib only when reporting
+
+    print(write_tuned_report(args.out, dense_metrics(args.out, args.threads), chosen_lr(args.out)))
     return 0
 
 

@@ -23,7 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sparsegpt.run.rundir import read_metrics, read_state  # noqa: E402
 
 DOMAINS = {"stdlib-docs": "ppl/stdlib-docs", "debian-licenses": "ppl/debian-licenses"}
+TUNE = ("stdlib-docs tune", "ppl/stdlib-docs@tune")  # the tuned study's column the lr was chosen on
 ONESHOT = "oneshot"
+# recipe (a)-like rows: a single-stage recipe's model before its fine-tune, as a 0-token row
+PRUNED_ROWS = {"oneshot-heal": "oneshot", "recon-heal": "recon", "recon-heal80": "recon80"}
+OLD_RESULTS = Path(__file__).with_name("results_regime.json")  # the 2026-12-01 study (lr 1e-4, no reconstruction)
 
 
 def parse_name(name: str) -> tuple[str, int, int]:
@@ -35,8 +39,9 @@ def parse_name(name: str) -> tuple[str, int, int]:
 def run_points(run_dir: Path) -> dict:
     """{(target, phase): {domain: ppl}} of one run, plus its seconds (None while unfinished)."""
     points: dict = {}
+    keys = {**DOMAINS, TUNE[0]: TUNE[1]}
     for r in read_metrics(run_dir):
-        points[(round(float(r["target"]), 4), r["phase"])] = {d: r["metrics"].get(k) for d, k in DOMAINS.items()}
+        points[(round(float(r["target"]), 4), r["phase"])] = {d: r["metrics"].get(k) for d, k in keys.items()}
     state = read_state(run_dir)
     seconds = None
     if state is not None and state.stages:
@@ -53,12 +58,13 @@ def collect(out: Path, names: list[str]) -> dict:
             continue
         recipe, budget, seed = parse_name(name)
         data = run_points(run_dir)
-        if not any(phase == "finetuned" and target == 0.9 for target, phase in data["points"]):
+        final = 0.8 if recipe.endswith("80") else 0.9
+        if not any(phase == "finetuned" and target == final for target, phase in data["points"]):
             continue  # unfinished: no final result yet
         table.setdefault((recipe, budget), {})[seed] = data
-        if recipe == "oneshot-heal" and (0.9, "pruned") in data["points"]:
-            one = {"points": {(0.9, "finetuned"): data["points"][(0.9, "pruned")]}, "seconds": None}
-            table.setdefault((ONESHOT, 0), {})[seed] = one
+        if recipe in PRUNED_ROWS and (final, "pruned") in data["points"]:
+            one = {"points": {(final, "finetuned"): data["points"][(final, "pruned")]}, "seconds": None}
+            table.setdefault((PRUNED_ROWS[recipe], 0), {})[seed] = one
     return table
 
 
@@ -70,11 +76,11 @@ def _value(seeds: dict, target: float, domain: str) -> tuple[float | None, float
     return statistics.fmean(values), (max(values) - min(values)) if len(values) > 1 else None, len(values)
 
 
-def rows(table: dict, dense: dict) -> list[dict]:
+def rows(table: dict, dense: dict, domains: tuple[str, ...] = tuple(DOMAINS)) -> list[dict]:
     out = []
     for (recipe, budget), seeds in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         row = {"recipe": recipe, "budget": budget, "seeds": sorted(seeds)}
-        for domain in DOMAINS:
+        for domain in domains:
             for target in (0.8, 0.9):
                 mean, spread, _ = _value(seeds, target, domain)
                 row[f"{domain}@{round(target * 100)}"] = mean
@@ -199,4 +205,85 @@ def write_report(out: Path, dense_json: dict, names: list[str]) -> str:
     if table_rows:
         plot_sparsity(table, dense, out / "regime_sparsity.png")
         plot_tokens(table, dense, out / "regime_tokens.png")
+    return md
+
+
+# -- the tuned study (`regime.py --study tuned`) ------------------------------------------------------------------
+
+def lr_rows(out: Path, lrs: tuple[str, ...], name) -> list[str]:
+    """The lr choice: tune-split perplexity (what chose) beside the evaluation windows (never read to choose)."""
+    lines = ["| lr | stdlib-docs tune (chooses) | stdlib-docs @90 % | debian-licenses @90 % |", "|---|---|---|---|"]
+    for lr in lrs:
+        run_dir = out / "runs" / name(lr)
+        if not (run_dir / "metrics.jsonl").is_file():
+            continue
+        p = run_points(run_dir)["points"].get((0.9, "finetuned"))
+        if p:
+            lines.append(f"| {lr} | {p[TUNE[0]]:.1f} | {p['stdlib-docs']:.1f} | {p['debian-licenses']:.1f} |")
+    return lines
+
+
+def tuned_markdown(new: list[dict], old: list[dict], dense: dict, lr: float | None) -> str:
+    header = ["study", "recipe", "budget (tokens)", "seeds", "stdlib @80 %", "stdlib @90 %", "×dense @90 %",
+              "licenses @80 %", "licenses @90 %", "tune @90 %", "minutes / run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             f"| - | dense | - | - | {dense['stdlib-docs']:.2f} | {dense['stdlib-docs']:.2f} | 1.0 | "
+             f"{dense['debian-licenses']:.2f} | {dense['debian-licenses']:.2f} | - | - |"]
+    tagged = [("tuned", r) for r in new] + [("12-01", r) for r in old if r["budget"] in (0, 16384, 65536)]
+    for study, r in sorted(tagged, key=lambda t: (t[1]["budget"], t[1]["recipe"], t[0] != "12-01")):
+        lines.append("| " + " | ".join([
+            study, r["recipe"], f"{r['budget']:,}", ",".join(map(str, r["seeds"])),
+            _cell(r["stdlib-docs@80"], r["stdlib-docs@80 spread"]),
+            _cell(r["stdlib-docs@90"], r["stdlib-docs@90 spread"]),
+            f"{r['x dense @90']:.1f}" if r["x dense @90"] else "-",
+            _cell(r["debian-licenses@80"], r["debian-licenses@80 spread"]),
+            _cell(r["debian-licenses@90"], r["debian-licenses@90 spread"]),
+            _cell(r.get(f"{TUNE[0]}@90"), r.get(f"{TUNE[0]}@90 spread")),
+            f"{r['minutes']:.1f}" if r["minutes"] else "-"]) + " |")
+    lr_text = f"lr {lr:g}, chosen on the tune split" if lr else "lr not chosen yet"
+    return "\n".join([f"Tuned rows: {lr_text}; 12-01 rows: lr 1e-4, no reconstruction.", "", *lines, "",
+                      *levers(new, old)])
+
+
+# (lever, from (study, recipe), to (study, recipe)): the ratio of their perplexities at the same budget
+LEVERS = [("lr (1e-4 -> chosen)", ("12-01", "oneshot-heal"), ("tuned", "oneshot-heal")),
+          ("reconstruction before healing", ("tuned", "oneshot-heal"), ("tuned", "recon-heal")),
+          ("reconstruction, no healing", ("tuned", "oneshot"), ("tuned", "recon")),
+          ("schedule (4 steps, no reconstruction)", ("tuned", "oneshot-heal"), ("tuned", "prog4")),
+          ("schedule (4 steps, with reconstruction)", ("tuned", "recon-heal"), ("tuned", "prog4-recon")),
+          ("logit KD (progressive)", ("tuned", "prog4"), ("tuned", "prog4-kd")),
+          ("SquareHead (progressive)", ("tuned", "prog4"), ("tuned", "prog4-sqhead")),
+          ("logit KD (after reconstruction)", ("tuned", "recon-heal"), ("tuned", "recon-heal-kd"))]
+
+
+def levers(new: list[dict], old: list[dict]) -> list[str]:
+    """What each lever bought: before / after at 90 % on both domains, per budget (< 1: the lever helped)."""
+    index = {(s, r["recipe"], r["budget"]): r for s, rs in (("tuned", new), ("12-01", old)) for r in rs}
+    lines = ["| lever | budget | stdlib @90 % before -> after (ratio) | licenses @90 % before -> after (ratio) |",
+             "|---|---|---|---|"]
+    for lever, a, b in LEVERS:
+        for budget in (0, 16384, 65536):
+            ra, rb = index.get((*a, budget)), index.get((*b, budget))
+            if not ra or not rb:
+                continue
+            cells = []
+            for d in DOMAINS:
+                x, y = ra[f"{d}@90"], rb[f"{d}@90"]
+                cells.append(f"{x:.1f} -> {y:.1f} ({y / x:.2f}x)" if x and y else "-")
+            lines.append(f"| {lever} | {budget:,} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def write_tuned_report(out: Path, dense_json: dict, lr: float | None) -> str:
+    """OUT/regime.{md,json}: the lr rows, the tuned rows beside the 2026-12-01 rows, the levers."""
+    from regime import TUNE_LRS, TUNED_PLAN, run_name, tune_name  # noqa: PLC0415 -- the study's plan
+
+    dense = {d: dense_json["metrics"][k] if "metrics" in dense_json else dense_json[k] for d, k in DOMAINS.items()}
+    names = list(dict.fromkeys(run_name(*r) for r in TUNED_PLAN))
+    new = rows(collect(out, names), dense, (*DOMAINS, TUNE[0]))
+    old = json.loads(OLD_RESULTS.read_text())["rows"]
+    md = "\n".join(["lr choice (recon-heal, 16 k tokens, seed 0):", "", *lr_rows(out, TUNE_LRS, tune_name), "",
+                    tuned_markdown(new, old, dense, lr)])
+    (out / "regime.md").write_text(md + "\n", encoding="utf-8")
+    (out / "regime.json").write_text(json.dumps({"dense": dense, "lr": lr, "rows": new}, indent=1) + "\n")
     return md

@@ -230,7 +230,8 @@ def _stage_row(stage: ResolvedStage, recipe: Recipe, estimates: dict) -> list[st
     p, f, d = stage.prune, stage.finetune, recipe.distributed
     seqlen = p.seqlen or estimates["default_seqlen"]
     prune = "keep (dense)" if not (stage.sparsity or stage.prune_n) else \
-        f"{p.method}/{p.allocation} {p.nsamples}x{seqlen}"
+        f"{p.method}/{p.allocation} {p.nsamples}x{seqlen}" + (f" +recon({p.reconstruct.passes} passes, "
+                                                            f"{p.reconstruct.inputs} inputs)" if p.reconstruct else "")
     if f is None:
         finetune = "one-shot"
     else:
@@ -240,8 +241,12 @@ def _stage_row(stage: ResolvedStage, recipe: Recipe, estimates: dict) -> list[st
             f"{steps} steps lr auto (probes {f.search.cost(steps, _tokens_per_step(stage, d, estimates))}) {f.schedule}"
         finetune += f" +KD({f.kd.teacher})" if f.kd else ""
         finetune += f" +LoRA(r{f.lora.r})" if f.lora else ""
-    hooks = ", ".join(h["type"] + (f"({h['source']})" if "source" in h else "") for h in stage.eval.hooks)
+    hooks = ", ".join(h["type"] + (f"({h['source']}{_split(h)})" if "source" in h else "") for h in stage.eval.hooks)
     return [str(stage.index), stage.name, str(stage.target), prune, finetune, f"{'+'.join(stage.eval.phases)}: {hooks}"]
+
+
+def _split(hook: dict) -> str:
+    return "" if hook.get("split", "test") == "test" else f"@{hook['split']}"
 
 
 def _tokens_per_step(stage: ResolvedStage, d, estimates: dict) -> int:
