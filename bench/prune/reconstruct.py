@@ -51,9 +51,13 @@ def parse_run(name: str) -> tuple[ReconstructConfig | None, int | None]:
             int(parts[4]) if len(parts) > 4 else None)
 
 
-def tune_windows(tokenizer) -> torch.Tensor:
-    """The last WINDOWS x SEQLEN windows of the stdlib-docs train split (the hyper-parameter tuning slice)."""
-    return train_ids("stdlib-docs", tokenizer, seqlen=SEQLEN)[-WINDOWS:]
+def tune_windows(tokenizer, kind: str = "split") -> torch.Tensor:
+    """The hyper-parameter tuning windows: `split` = the first WINDOWS x SEQLEN windows of the stdlib-docs tune split
+    (core/data.py: documents no train, calibration or evaluation window comes from); `train-tail` = the last windows
+    of the train split (what the rows before the tune split existed used: calibration rows may come from there)."""
+    if kind == "train-tail":
+        return train_ids("stdlib-docs", tokenizer, seqlen=SEQLEN)[-WINDOWS:]
+    return eval_ids("stdlib-docs", tokenizer, seqlen=SEQLEN, split="tune", max_windows=WINDOWS)
 
 
 def overlap(calib: torch.Tensor, tune: torch.Tensor) -> int:
@@ -88,7 +92,8 @@ def child(args, name: str) -> dict:
     model, tok = load_model(args.model, dtype="float32", device="cpu")
     recon, nsamples = parse_run(name)
     nsamples = nsamples or args.nsamples
-    row = {"run": name, "nsamples": nsamples, "threads": args.threads, "load_start": os.getloadavg()[0]}
+    row = {"run": name, "nsamples": nsamples, "threads": args.threads, "load_start": os.getloadavg()[0],
+           "tune_windows": args.tune}
     if name != "dense":
         calib = calibration_ids("stdlib-docs", tok, nsamples=nsamples, seqlen=SEQLEN, seed=args.seed)
         cfg = PruneConfig(sparsity=args.sparsity, batch_size=8, reconstruct=recon)
@@ -98,11 +103,11 @@ def child(args, name: str) -> dict:
         row.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
                    reconstruct_cpu_seconds=spent[0], sparsity=result.masks.sparsity(),
                    reconstruct_seconds=result.world["ranks"][0]["seconds"]["reconstruct"],
-                   layers=result.reconstruction, calib_in_tune=overlap(calib, tune_windows(tok)))
+                   layers=result.reconstruction, calib_in_tune=overlap(calib, tune_windows(tok, args.tune)))
         result.masks.verify(model)
     row["load_end"] = os.getloadavg()[0]
     windows = {s: eval_ids(s, tok, seqlen=SEQLEN, split="test", max_windows=WINDOWS) for s in SOURCES}
-    windows["tune"] = tune_windows(tok)
+    windows["tune"] = tune_windows(tok, args.tune)
     row["ppl"] = {s: perplexity(model, w, batch_size=8, device="cpu") for s, w in windows.items()}
     return row
 
@@ -121,8 +126,9 @@ def report(rows: list[dict], argv: list[str], sparsity: float) -> str:
         "shared with other jobs (load average at each run's start/end in the table: times are upper bounds)",
         f"- model `{DEMO_MODEL}` float32, SparseGPT to {sparsity:.0%} uniform; "
         f"calibration stdlib-docs train, {SEQLEN}-token rows, seed 0; perplexity on {WINDOWS} x {SEQLEN} windows "
-        "of the stdlib-docs and debian-licenses validation splits, and of the TUNE slice (last windows of the "
-        "stdlib-docs train split; hyper-parameters are read off this column only)",
+        "of the stdlib-docs and debian-licenses validation splits, and of the TUNE windows (hyper-parameters are "
+        "read off this column only): the stdlib-docs tune split, or where marked `*` (rows older than the tune "
+        "split) the last windows of the stdlib-docs train split",
         f"- command: `python bench/prune/reconstruct.py {' '.join(argv)}`", "",
         "| run | calib rows | prune wall s | prune CPU s | of which recon CPU s | CPU x one-shot | ppl stdlib-docs "
         "| ppl debian-licenses | ppl tune | mean layer error before -> after | load start/end |",
@@ -134,18 +140,21 @@ def report(rows: list[dict], argv: list[str], sparsity: float) -> str:
                f"{sum(x['error_after'] for x in layers) / len(layers):.3f}" if layers else "–")
         cpu, recon = r.get("cpu_seconds"), r.get("reconstruct_cpu_seconds")
         ratio = cpu / (cpu - recon) if cpu and recon is not None else None  # the same pass without reconstruction
-        ppl = r["ppl"]
+        ppl, mark = r["ppl"], "" if r.get("tune_windows") == "split" else "*"
         lines.append(f"| {r['run']} | {r['nsamples'] if r['run'] != 'dense' else '–'} | {fmt(r.get('seconds'))} | "
                      f"{fmt(cpu)} | {fmt(recon)} | {fmt(ratio, '.2f')} | {ppl['stdlib-docs']:.1f} | "
-                     f"{ppl['debian-licenses']:.1f} | {ppl['tune']:.1f} | {err} | "
+                     f"{ppl['debian-licenses']:.1f} | {ppl['tune']:.1f}{mark} | {err} | "
                      f"{r['load_start']:.1f} / {r['load_end']:.1f} |")
-    if one:
-        lines += ["", "Perplexity ratio one-shot / run (the issue's target: >= 3 on both domains at <= 5x the time):",
+    ones = {r["nsamples"]: r for r in rows if r["run"].startswith("oneshot")}  # one-shot per calibration size
+    if ones:
+        lines += ["", "Perplexity ratio one-shot / run, against the one-shot of the same calibration rows where "
+                  "measured, else the 32-row one (the issue's target: >= 3 on both domains at <= 5x the time):",
                   "", "| run | stdlib-docs | debian-licenses |", "|---|---|---|"]
         for r in rows:
-            if r["run"] not in ("dense", "oneshot"):
-                lines.append(f"| {r['run']} | {one['ppl']['stdlib-docs'] / r['ppl']['stdlib-docs']:.2f} | "
-                             f"{one['ppl']['debian-licenses'] / r['ppl']['debian-licenses']:.2f} |")
+            base = ones.get(r["nsamples"], one)
+            if r["run"] != "dense" and not r["run"].startswith("oneshot") and base:
+                lines.append(f"| {r['run']} | {base['ppl']['stdlib-docs'] / r['ppl']['stdlib-docs']:.2f} | "
+                             f"{base['ppl']['debian-licenses'] / r['ppl']['debian-licenses']:.2f} |")
     overlaps = {r["calib_in_tune"] for r in rows if "calib_in_tune" in r}
     lines += ["", f"Calibration rows found in the tune slice: {sorted(overlaps)}."]
     return "\n".join(lines) + "\n"
@@ -159,6 +168,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tune", choices=("split", "train-tail"), default="split",
+                   help="the tuning windows: the stdlib-docs tune split (default) or the train split's last windows")
     p.add_argument("--json", type=Path, nargs="+", default=[Path("bench/prune/results_reconstruct.json")],
                    help="rows are appended to the first; the report reads them all")
     p.add_argument("--out", type=Path, default=Path("bench/prune/results_reconstruct.md"))
