@@ -1,7 +1,8 @@
 """Issue 24 (4), MoE Hessians in chunks: a layer whose experts' Hessians exceed `experts.HESSIAN_BUDGET` sums and
 solves them a chunk of experts at a time. The pass ends bitwise where the one with all of them at once ends (masks,
 their order, weights, stats), for every MoE family and the top-up rule, and its peak memory, measured in bytes
-the torch CPU allocator handed out (the profiler's memory events), follows the chunk, not the expert count.
+the torch CPU allocator handed out (the profiler's memory events), follows the chunk, not the expert count, as
+the memory estimate (`run.memory`) now counts it.
 The 2-process equality is in tests/test_distributed_prune.py (case "moe-chunked"); streamed pruning refuses fused
 experts (transformers converts their stored tensors on load), so it never chunks."""
 
@@ -13,9 +14,11 @@ import transformers as T
 from test_families import BATCH, MOE_KINDS, calib, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 from torch.profiler import ProfilerActivity, profile
 
+from sparsegpt.config.recipe import Recipe
 from sparsegpt.core.architectures import decoder_layers
 from sparsegpt.prune import experts
 from sparsegpt.prune.sequential import PruneConfig, prune_model
+from sparsegpt.run.memory import GIB, estimate
 
 WIDE = 256  # the many-experts model's intermediate size: its down_proj Hessians are 256 x 256
 EXPERT = 12 * WIDE * WIDE  # what the budget counts for one of them: float64 sum + float32 Hessian
@@ -90,3 +93,17 @@ def test_peak_memory_follows_the_chunk_not_the_expert_count(monkeypatch):
     bigger = peak_bytes(64, 16, monkeypatch)
     assert 12 * 8 * WIDE * WIDE * 0.95 <= bigger - many <= 12 * EXPERT, (many / EXPERT, bigger / EXPERT)
 
+
+def test_memory_estimate_counts_one_chunk_of_expert_hessians():
+    """Mixtral-8x22B's shape (8 experts, down_proj 16384 wide, 4 GiB: one expert a chunk): the estimate's
+    Hessians are one chunk's, 32 · 16384² bytes at the peak (solving: its float32 Hessian 4, the pool 8, the solver
+    20 · cols²), not all 8 experts' (21.8 GiB before), plus the cached expert inputs beside the activations."""
+    config = T.MixtralConfig(hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
+                             num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32768)
+    recipe = Recipe.model_validate({"name": "m", "model": "x", "dtype": "bfloat16",
+                                    "data": {"calibration": "stdlib-docs"},
+                                    "defaults": {"prune": {"nsamples": 128, "seqlen": 2048}},
+                                    "stages": [{"name": "a", "target": 0.5, "finetune": False}]})
+    prune = estimate(config, recipe)["prune"]
+    assert prune["hessians"] * GIB == 32 * 16384**2
+    assert prune["activations"] * GIB == 3 * 128 * 2048 * 6144 * 2
