@@ -10,7 +10,7 @@
 #   build            the random-init model (skipped with GPU_CHECK_MODEL or GPU_CHECK_DRY_ONLY)
 #   dry-run          `train/progressive.py --recipe R --dry-run`: the memory estimate the run is compared with
 #   issue24 plain    bench/gpu/issue24.py: TF32 stays off (8a), bf16 KD teacher (6), masks <= 1 bit/weight on the
-#                    GPU (7), N:M host syncs (8e, reported OPEN until prune/_select.py changes)
+#                    GPU (7), MoE expert Hessians in chunks (4), no host sync in the N:M selection (8e)
 #   issue24 zero3    the same under ZeRO-3 + CPU offload on one GPU: partitions placed on the GPU at load (1),
 #                    teacher forward, enforcer host<->device copies and time per step (5)
 #   eval torchrun    `torchrun --nproc_per_node 1 -m sparsegpt.cli eval` (the process-group path of 8f)
@@ -146,7 +146,7 @@ if [[ $DRY_ONLY == 1 ]]; then   # the CPU-only part: recipe + estimate (how it i
 fi
 
 # --- (ii) issue 24 checks, one CHECK line each ---------------------------------------------------------------------------
-STEP_LOG=$WORK/issue24.txt step "issue24 plain (8a 6 7 8e)" 40 python bench/gpu/issue24.py plain
+STEP_LOG=$WORK/issue24.txt step "issue24 plain (8a 6 7 4 8e)" 40 python bench/gpu/issue24.py plain
 STEP_LOG=$WORK/issue24.txt step "issue24 zero3 offload x1 (1 5)" 55 \
     accelerate launch --config_file recipes/accelerate/zero3_offload.yaml --num_processes 1 --mixed_precision bf16 \
     bench/gpu/issue24.py zero3

@@ -4,10 +4,11 @@ and the cases it runs, which tests/test_distributed_prune.py also prunes in one 
 Each case builds the same tiny random model (from a config, seeded) and calibration set on every rank and calls
 `prune_model` in the launch's process group (joined with `world.init_from_env`, as `sparsegpt prune` does); the
 rank saves its masks, decoder weights, stats and world record to OUT/rank{r}.pt and records which layers it
-entered and left (the `LayerAccess` seam). A solve that fails on rank 1 only must fail on both ranks (the
-messages in OUT/failure-rank{r}.json), and the group must still work afterwards. With DIR (a saved tiny model
-with a tokenizer) it also runs `sparsegpt prune` twice in the same group: once normally into OUT/cli, once with a
-bad flag (its return code per rank in OUT/cli-rank{r}.json).
+entered and left (the `LayerAccess` seam); a case in BUDGETS runs under that expert Hessian budget (chunked
+experts). A solve that fails on rank 1 only must fail on both ranks (the messages in OUT/failure-rank{r}.json),
+and the group must still work afterwards. With DIR (a saved tiny model with a tokenizer) it also runs `sparsegpt
+prune` twice in the same group: once normally into OUT/cli, once with a bad flag (its return code per rank in
+OUT/cli-rank{r}.json).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sparsegpt import cli
 from sparsegpt.core.architectures import decoder_layers
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.world import init_from_env, leave
-from sparsegpt.prune import sequential
+from sparsegpt.prune import experts, sequential
 from sparsegpt.prune.reconstruct import ReconstructConfig
 from sparsegpt.prune.sequential import LayerAccess, PruneConfig, prune_model
 
@@ -47,6 +48,7 @@ CASES = {
     "llama-2of4": ("llama", 8, PruneConfig(prune_n=2, prune_m=4, batch_size=4)),  # shares = the batches
     "llama-owl": ("llama", 7, PruneConfig(sparsity=0.6, allocation="owl", owl_lambda=0.1, batch_size=3)),
     "moe": ("qwen2_moe", 7, PruneConfig(sparsity=0.5, batch_size=3, min_expert_tokens=64)),  # all topped up
+    "moe-chunked": ("qwen2_moe", 7, PruneConfig(sparsity=0.5, batch_size=3, min_expert_tokens=64)),  # BUDGETS
     "one-row": ("llama", 1, PruneConfig(sparsity=0.5)),               # rank 1 has no calibration row
     "one-group": ("llama", 7, PruneConfig(sparsity=0.5, batch_size=3, include=r"down_proj")),  # rank 1 solves none
     # reconstruction: step chunk 1 (rows 3-5) is split over the ranks (4 + 3 rows), so the all-reduced gradient
@@ -59,6 +61,17 @@ CASES = {
         passes=2, lr=1e-3, batch=1))),
 }
 SEQLEN = 12
+BUDGETS = {"moe-chunked": 1}  # experts.HESSIAN_BUDGET of a case: 1 byte = the expert Hessians one expert at a time
+
+
+def prune(case: str, model: torch.nn.Module, ids: torch.Tensor, cfg: PruneConfig, **kwargs):
+    """`prune_model` under the case's expert Hessian budget (the default where it sets none)."""
+    default = experts.HESSIAN_BUDGET
+    experts.HESSIAN_BUDGET = BUDGETS.get(case, default)
+    try:
+        return prune_model(model, ids, cfg, **kwargs)
+    finally:
+        experts.HESSIAN_BUDGET = default
 
 
 def build(case: str) -> tuple[torch.nn.Module, torch.Tensor, PruneConfig]:
@@ -117,7 +130,7 @@ def main(out: Path, model_dir: str | None) -> None:
     for case in CASES:
         model, ids, cfg = build(case)
         access = Recording()
-        results[case] = outcome(model, prune_model(model, ids, cfg, access=access))
+        results[case] = outcome(model, prune(case, model, ids, cfg, access=access))
         results[case]["access"] = access.calls
     torch.save(results, out / f"rank{world.rank}.pt")
     (out / f"failure-rank{world.rank}.json").write_text(json.dumps(fail_on_one_rank()))

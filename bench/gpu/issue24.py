@@ -1,6 +1,6 @@
 """Issue 24's checks that need a GPU (a step of bench/gpu_check.sh; tests/test_gpu_review.py has the CPU side).
 
-    python bench/gpu/issue24.py plain            # no launcher, one GPU: checks 6, 7, 8a, 8e
+    python bench/gpu/issue24.py plain            # no launcher, one GPU: checks 4, 6, 7, 8a, 8e
     accelerate launch --config_file recipes/accelerate/zero3_offload.yaml --num_processes 1 --mixed_precision bf16 \
         bench/gpu/issue24.py zero3               # ZeRO-3 with CPU offload on one GPU: checks 1, 5
 
@@ -110,23 +110,63 @@ def plain() -> None:
     for handle in handles:
         handle.remove()
 
-    # (8e) N:M selection syncs with the host once per group (prune/_select.py: owned by another change)
+    moe_chunks()
+
+    # (8e) N:M selection reads nothing on the host (was one int(quota.max()) per group of M columns); dead
+    # columns give some groups more forced entries than N (the mixed quotas that once needed a sorted topk)
     if REHEARSE:
         return
-    from sparsegpt.prune._select import nm_mask
+    from sparsegpt.prune._select import nm_mask, unstructured_mask
 
     score = torch.rand(256, 1024, device="cuda")
     forced = torch.zeros_like(score, dtype=torch.bool)
+    forced[:, torch.randperm(1024, device="cuda")[:300]] = True
     torch.cuda.set_sync_debug_mode("error")
     try:
         nm_mask(score, 2, 4, forced)
+        unstructured_mask(score, 0.5, forced)
         synced = None
     except RuntimeError as e:
         synced = str(e).splitlines()[0]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    check("8e", True if synced is None else None, "nm_mask without host sync" if synced is None else
-          f"nm_mask syncs with the host ({synced[:80]})")
+    check("8e", synced is None, "nm_mask / unstructured_mask without host sync" if synced is None else
+          f"mask selection syncs with the host ({synced[:80]})")
+
+
+def moe_chunks() -> None:
+    """(4) a 64-expert MoE layer pruned on the device with its expert Hessians 4 experts a chunk: the same masks
+    as all 64 at once, and a peak that many expert Hessians (12 · 128² bytes each) lower."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from sparsegpt.prune import experts
+    from sparsegpt.prune.sequential import PruneConfig, prune_model
+
+    default, expert = experts.HESSIAN_BUDGET, 12 * 128 * 128
+    config = MixtralConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=512, max_position_embeddings=128, num_local_experts=64,
+                           num_experts_per_tok=2)
+    ids = torch.randint(0, 512, (32, 64), generator=torch.Generator().manual_seed(0))
+    peaks, masks = [], []
+    for budget in (default, 4 * expert):
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(config).float().eval()
+        experts.HESSIAN_BUDGET = budget
+        if not REHEARSE:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        try:
+            result = prune_model(model, ids, PruneConfig(sparsity=0.5, batch_size=8), device=DEVICE)
+        finally:
+            experts.HESSIAN_BUDGET = default
+        peaks.append(0 if REHEARSE else torch.cuda.max_memory_allocated() - base)
+        masks.append(result.masks.masks)
+    same = list(masks[0]) == list(masks[1]) and all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+    lower = REHEARSE or peaks[1] + 32 * expert < peaks[0]
+    peak = "peak not measured (rehearsal)" if REHEARSE else \
+        f"peak device bytes {peaks[0] / expert:.1f} expert Hessians all at once, {peaks[1] / expert:.1f} 4 a chunk"
+    check("4", same and lower, f"64 experts: chunked masks {'equal' if same else 'DIFFER'}; {peak}")
 
 
 def zero3() -> None:

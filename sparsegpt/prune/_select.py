@@ -56,18 +56,18 @@ def check_nm_base(base: Tensor, prune_n: int, prune_m: int) -> None:
 def lowest_with_forced(score: Tensor, k: int, forced: Tensor) -> Tensor:
     """Mask the k lowest-score entries of each slice along the last dim, forced ones first.
 
-    A slice with more than k forced entries keeps all of them (pruned weights are never revived).
+    A slice with more than k forced entries keeps all of them (pruned weights are never revived). No host sync
+    (on a GPU the N:M column loop calls this once per group of M columns): forced entries score -inf, so a slice's
+    k lowest are its forced ones first, and OR-ing in every forced entry covers a slice with more than k of them.
+    One unsorted partial sort (topk) whatever the slices' forced counts; until 2026-12 the largest quota was read
+    on the host (`int(quota.max())`) to size a sorted topk. The two choose the same entries but where scores tie
+    at a slice's k-th lowest (which of the equal entries goes is then topk's choice).
     """
-    score = score.masked_fill(forced, float("-inf"))
-    quota = forced.sum(dim=-1, keepdim=True).clamp(min=k)
-    most = int(quota.max()) if quota.numel() else 0
-    mask = torch.zeros_like(forced)
-    if most:  # one partial sort (topk) instead of ranking every entry: the hot spot of the solver's mask choice
-        if bool((quota == most).all()):  # one quota: which `most` entries, not their order (5x faster unsorted)
-            mask.scatter_(-1, score.topk(most, dim=-1, largest=False, sorted=False).indices, True)
-        else:
-            lowest = score.topk(most, dim=-1, largest=False, sorted=True).indices
-            mask.scatter_(-1, lowest, torch.arange(most, device=score.device) < quota)
+    mask = forced.clone()
+    k = min(k, score.shape[-1])
+    if k:  # one partial sort (topk) instead of ranking every entry: the hot spot of the solver's mask choice
+        lowest = score.masked_fill(forced, float("-inf")).topk(k, dim=-1, largest=False, sorted=False).indices
+        mask.scatter_(-1, lowest, True)
     return mask
 
 

@@ -64,10 +64,11 @@ def all_reduce_ints(world: World, values: list[int]) -> list[int]:
     return world.all_reduce_sum(totals).tolist()
 
 
-def balance(costs: list[float], ranks: int) -> list[int]:
+def balance(costs: list[float], ranks: int, load: list[float] | None = None) -> list[int]:
     """The rank that solves each item: largest cost first, each to the least loaded rank (ties: the lowest rank);
-    deterministic, and the same on every rank since the costs come from shapes."""
-    owners, load = [0] * len(costs), [0.0] * ranks
+    deterministic, and the same on every rank since the costs come from shapes. `load` (per rank, updated in
+    place) carries the loads of earlier calls, e.g. a layer solved in several calls."""
+    owners, load = [0] * len(costs), [0.0] * ranks if load is None else load
     for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
         owners[k] = min(range(ranks), key=lambda r: (load[r], r))
         load[owners[k]] += costs[k]
@@ -143,12 +144,12 @@ class RankPass:
         return counts
 
     def solve_layer(self, groups: list[list[str]], linears: dict, masks: dict[str, Tensor], stats: list[dict],
-                    solve: SolveGroup) -> None:
+                    solve: SolveGroup, load: list[float] | None = None) -> None:
         """Solve this rank's groups of the layer, then share every pruned weight, mask and stat with all ranks;
-        `stats` grows in group order, each entry carrying the `rank` that solved it."""
+        `stats` grows in group order, each entry carrying the `rank` that solved it; `load` as in `balance`."""
         mine: dict[int, list[dict]] = {}
         owners = balance([solve_cost([tuple(weight_as_linear(linears[n]).shape) for n in g]) for g in groups],
-                         self.world.size)
+                         self.world.size, load)
 
         def solve_mine() -> None:
             for k, group in enumerate(groups):

@@ -42,7 +42,7 @@ from sparsegpt.prune import allocation
 from sparsegpt.prune.baselines import PRUNERS
 from sparsegpt.prune.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
 from sparsegpt.prune.distributed import RankPass
-from sparsegpt.prune.experts import ExpertHessians
+from sparsegpt.prune.experts import ExpertHessians, solve_by_chunks
 from sparsegpt.prune.reconstruct import ReconstructConfig, Reconstructor, as_config, row_pieces
 from sparsegpt.prune.solver import add_gram_, inverse_hessian_factor, prune_group_with_factor, reconstruction_error
 
@@ -168,16 +168,18 @@ def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, 
 
 
 def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *, diag_only: bool,
-                min_expert_tokens=None, outputs_to=None) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch]]:
+                min_expert_tokens=None, outputs_to=None, store_to=None
+                ) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch], ExpertHessians]:
     """One forward of layer `index` with a pre-hook per input group (per fused experts module for expert
     matrices); returns per group leader H = 2/N Σ xxᵀ (one product per sequence, summed in float64 over all ranks'
     tokens: `solver.add_gram_`; returned as float32), or only its diagonal when diag_only, its {tokens, expert,
-    pooled_weight}, and the layer's outputs (this rank's) if outputs_to. Per-sequence products summed in float64
-    make H independent of how the sequences are batched or split over ranks (float32 sums differ in their last
-    bits, which SparseGPT's mask choices amplify layer after layer)."""
+    pooled_weight}, the layer's outputs (this rank's) if outputs_to, and the experts' sums: their Hessians are
+    among the returned ones unless they come in chunks (`experts.solve_by_chunks`; inputs cached on store_to).
+    Per-sequence products summed in float64 make H independent of how the sequences are batched or split over
+    ranks (float32 sums differ in their last bits, which SparseGPT's mask choices amplify layer after layer)."""
     sums, counts, handles = {}, {}, []
     experts = ExpertHessians({g[0]: linears[g[0]] for g in groups if isinstance(linears[g[0]], ExpertLinear)},
-                             device, diag_only=diag_only)
+                             device, diag_only=diag_only, store_device=store_to)
     for group in groups:
         leader = group[0]
         if isinstance(linears[leader], ExpertLinear):
@@ -211,10 +213,11 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
     if silent:
         raise UserError(f"{', '.join(silent)} never ran in the decoder layer's forward; exclude it (--exclude) "
                         "or report the architecture")
-    hessians, info = experts.result(min_expert_tokens) if experts.matrices else ({}, {})
+    info = experts.info(min_expert_tokens)
+    hessians = {} if experts.chunked else experts.result(min_expert_tokens)
     info.update({k: {"tokens": counts[k], "expert": None, "pooled_weight": 0.0} for k in sums})
     hessians.update({k: sums.pop(k).mul_(2.0 / counts[k]).float() for k in list(sums)})  # one float64 sum at a time
-    return hessians, info, outputs
+    return hessians, info, outputs, experts
 
 
 def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Module | ExpertLinear]]:
@@ -245,9 +248,9 @@ def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_devic
         layer.to(dev)
         groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs, True)
         last = i == len(layers) - 1
-        diags, _, outputs = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=True,
-                                        min_expert_tokens=cfg.min_expert_tokens,
-                                        outputs_to=None if last else store_device)
+        diags, _, outputs, _ = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=True,
+                                           min_expert_tokens=cfg.min_expert_tokens,
+                                           outputs_to=None if last else store_device)
         if linears:
             members = [(n, g[0]) for g in groups for n in g]
             ratios[i] = allocation.outlier_ratio([weight_as_linear(linears[n]) for n, _ in members],
@@ -349,16 +352,18 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
                                    cfg.shared_hessian)
             dense = None  # with reconstruct: the dense layer's outputs, its targets
             if groups:  # a layer the include/exclude filters left empty is only propagated
-                hessians, info, outs = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
-                                                   min_expert_tokens=cfg.min_expert_tokens,
-                                                   outputs_to=store_device if rec and rec.from_pruned else None)
+                outs_to = store_device if rec and rec.from_pruned else None
+                hessians, info, outs, moe = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
+                                                        min_expert_tokens=cfg.min_expert_tokens, outputs_to=outs_to,
+                                                        store_to=store_device)
                 if rec is not None:
                     with run.timing("reconstruct"):
                         dense = rec.targets(layer, i, calib, outs, dev, store_device)
                 del outs
-                run.solve_layer(groups, linears, masks, stats, lambda group, out: _solve_group(
-                    group, linears, hessians, info, targets[i], cfg, base_masks, i, masks, out, run.timing))
-                del hessians
+                solve_by_chunks(run, moe, groups, linears, masks, stats, hessians, cfg.min_expert_tokens,
+                                lambda group, out: _solve_group(group, linears, hessians, info, targets[i], cfg,
+                                                                base_masks, i, masks, out, run.timing))
+                del hessians, moe
                 if rec is not None:
                     with run.timing("reconstruct"):
                         rebuilt.append(rec.train(layer, i, calib, dense, {n: (m, masks[n]) for n, m in

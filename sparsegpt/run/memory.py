@@ -10,7 +10,10 @@ calibrates nsamples / W sequences; the layer's Hessians are all-reduced, so ever
     inputs, and the float32 Hessians while the widest group is solved (the damped copy, eye, sum, Cholesky
     factor and inverse: 5 c² at the solver dtype; or the factor plus the float64 copy of H for the
     reconstruction error); this rank's layer inputs and outputs (2 × share × seqlen × hidden), or one batch of
-    them with `offload_activations`.
+    them with `offload_activations`. MoE experts count as groups of their own unless their layer's expert
+    Hessians exceed `experts.HESSIAN_BUDGET`: then one chunk of them (12 · cols² an expert + 16 · cols² to
+    pool, or its float32 Hessians and the solver's working set while solving) and one more copy of the
+    activations (the experts modules' inputs, kept for the chunks' replays).
     cpu: the model (or, streamed, everything but the decoder layers plus the layer being read), offloaded
     activations, the packed masks (1 bit per weight).
 Fine-tuning, per process, for P parameters of which Pt train (all, or LoRA's r·(in + out) per target), b the model
@@ -49,9 +52,17 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sparsegpt.config.recipe import Recipe, ResolvedStage
-from sparsegpt.core.architectures import decoder_layers, family_of, prunable_linears, weight_as_linear
+from sparsegpt.core.architectures import (
+    ExpertLinear,
+    decoder_layers,
+    family_of,
+    param_shape,
+    prunable_linears,
+    weight_as_linear,
+)
 from sparsegpt.core.data import default_seqlen
 from sparsegpt.core.errors import UserError
+from sparsegpt.prune import experts as expert_hessians
 from sparsegpt.storage.models import resolve_model_path
 
 GIB = 2**30
@@ -73,6 +84,7 @@ class _Facts:
     linears: dict[str, tuple[int, int, int]]  # full name -> (layer index, in, out) of every prunable linear
     layer_prefix: str
     shared_inputs: tuple[tuple[str, ...], ...]
+    experts: dict[str, tuple[str, int]]  # expert matrix name -> (its fused parameter's name, the experts in it)
 
 
 def _facts(config, dtype: str) -> _Facts:
@@ -80,11 +92,13 @@ def _facts(config, dtype: str) -> _Facts:
         model = AutoModelForCausalLM.from_config(config)
     family = family_of(model)
     layers = decoder_layers(model)
-    linears = {}
+    linears, experts = {}, {}
     for name, module in prunable_linears(model).items():
         out_features, in_features = weight_as_linear(module).shape
         index = int(name[len(family.layers_path) + 1:].split(".")[0])
         linears[name] = (index, in_features, out_features)
+        if isinstance(module, ExpertLinear):
+            experts[name] = (name.rsplit(".", 1)[0], param_shape(module.weight)[0])
     if dtype == "auto":
         dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     if dtype not in _BYTES:
@@ -93,7 +107,7 @@ def _facts(config, dtype: str) -> _Facts:
                   layers=len(layers), layer_params=sum(p.numel() for p in layers[0].parameters()),
                   hidden=config.hidden_size, vocab=config.vocab_size, default_seqlen=default_seqlen(config),
                   dtype_bytes=_BYTES[dtype], linears=linears, layer_prefix=family.layers_path,
-                  shared_inputs=family.shared_inputs)
+                  shared_inputs=family.shared_inputs, experts=experts)
 
 
 def _selected(facts: _Facts, include: str | None, exclude: str | None) -> dict[str, tuple[int, int, int]]:
@@ -112,15 +126,36 @@ def _layer_groups(facts: _Facts, linears: dict[str, tuple[int, int, int]]) -> di
     return per_layer
 
 
+def _chunked_experts(facts: _Facts, linears: dict[str, tuple[int, int, int]], solver: int) -> tuple[set[str], int]:
+    """The expert matrices of the layers whose expert Hessians come in chunks (`experts.HESSIAN_BUDGET`), and the
+    most bytes such a chunk holds: 12 · cols² an expert (float64 sum, float32 Hessian) + 16 · cols² to pool, or,
+    solving one, the chunk's float32 Hessians, the pool and the solver's working set."""
+    params: dict[int, dict[str, tuple[int, int]]] = {}  # layer -> fused parameter -> (experts, cols)
+    for name, (param, count) in facts.experts.items():
+        if name in linears:
+            params.setdefault(linears[name][0], {})[param] = (count, linears[name][1])
+    names, peak = set(), 0
+    for index, shapes in params.items():
+        if sum(12 * e * c * c for e, c in shapes.values()) <= expert_hessians.HESSIAN_BUDGET:
+            continue  # all at once, as any other group
+        names |= {n for n in linears if facts.experts.get(n, ("",))[0] in shapes}
+        for _, cols in shapes.values():
+            chunk, work = expert_hessians.chunk_size(cols), max(5 * solver, solver + 8)
+            peak = max(peak, (12 * chunk + 16) * cols * cols, (4 * chunk + 8 + work) * cols * cols)
+    return names, peak
+
+
 def _prune_step(facts: _Facts, stage: ResolvedStage, world_size: int) -> dict:
     p = stage.prune
     linears = _selected(facts, p.include, p.exclude)
     b, seqlen = facts.dtype_bytes, p.seqlen or facts.default_seqlen
     solver = _BYTES[p.dtype]
     share = -(-p.nsamples // world_size)  # this rank's calibration rows (the largest share)
-    activations = 2 * share * seqlen * facts.hidden * b
+    chunked, expert_peak = _chunked_experts(facts, linears, solver)
+    # chunked experts: their modules' inputs kept beside the layer's (one more copy of the activations)
+    activations = (3 if chunked else 2) * share * seqlen * facts.hidden * b
     on_device = 2 * min(p.batch_size, share) * seqlen * facts.hidden * b if p.offload_activations else activations
-    groups = _layer_groups(facts, linears).values()
+    groups = _layer_groups(facts, {n: v for n, v in linears.items() if n not in chunked}).values()
     widest = max((max(g.values()) for g in groups), default=0)
     squares = max((sum(c * c for c in g.values()) for g in groups), default=0)  # the largest layer's Σ cols²
     batch = min(p.batch_size, share) * seqlen
@@ -129,7 +164,7 @@ def _prune_step(facts: _Facts, stage: ResolvedStage, world_size: int) -> dict:
     accumulate = 8 * squares + 4 * widest * widest + 8 * batch * widest
     solve = 4 * squares + max(5 * solver, solver + 8) * widest * widest
     device = {"layer_weights": facts.layer_params * b + 4 * max((i * o for _, i, o in linears.values()), default=0),
-              "hessians": max(accumulate, solve), "activations": on_device}
+              "hessians": max(accumulate, solve, expert_peak), "activations": on_device}
     layers = facts.layers * facts.layer_params
     cpu = {"model": (facts.params - layers + facts.layer_params if p.stream else facts.params) * b,
            "offloaded_activations": activations if p.offload_activations else 0,
