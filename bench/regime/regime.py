@@ -103,15 +103,16 @@ TUNED_RECIPES = {
 TUNE_LRS = ("3e-4", "1e-3", "3e-3")
 TUNE_RECIPE = "recon-heal"
 TUNE_KEY = "ppl/stdlib-docs@tune"
-# After the lr rows: the large budget for the recipes that carry the answer (Done-when at 90 % and 80 %, the lever
-# rows: lr alone, + reconstruction, + schedule, + KD), then the small budget, then second seeds. Left out for time
-# (2 cores, ~2.5 h): prog4-kd and prog4-recon at 64 k (the 12-01 study found KD within noise of prog4 at 64 k; the
-# 16 k rows show whether either is worth its cost) and recon-heal80 at 16 k.
+# After the lr rows: the large budget for the recipes that carry the answer (Done-when at 90 % and 80 %; the lever
+# rows: lr alone, + reconstruction, + schedule), then the small budget (+ KD, SquareHead, reconstruction in the
+# progressive schedule, KD after reconstruction) and second seeds of the small budget's closest comparison. Left out
+# for time (2 shared cores, ~2.5 h, 64 k tokens ~30 min a run): KD rows and second seeds at 64 k (the 12-01 study
+# found KD within noise of prog4 at 64 k), recon-heal80 at 16 k.
 TUNED_PLAN = (
     [("recon-heal", LARGE, 0), ("recon-heal80", LARGE, 0), ("oneshot-heal", LARGE, 0), ("prog4", LARGE, 0)]
-    + [("recon-heal-kd", LARGE, 0)]
-    + [(name, SMALL, 0) for name in ("oneshot-heal", "prog4", "prog4-recon", "prog4-kd", "prog4-sqhead")]
-    + [("recon-heal", LARGE, 1), ("recon-heal", SMALL, 1), ("oneshot-heal", SMALL, 1)]
+    + [(name, SMALL, 0) for name in ("oneshot-heal", "prog4", "prog4-recon", "prog4-kd", "recon-heal-kd",
+                                     "prog4-sqhead")]
+    + [("recon-heal", SMALL, 1), ("oneshot-heal", SMALL, 1)]
 )
 
 
