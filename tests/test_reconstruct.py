@@ -92,6 +92,26 @@ def test_errors_are_the_real_output_errors_and_go_down_with_the_mask_exact(make_
     assert result.world["ranks"][0]["seconds"]["reconstruct"] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_propagation_reuses_the_last_error_forward_bitwise(make_tiny_model, monkeypatch, dtype):
+    """A float32 layer trained on the pruned stream feeds the next layer the outputs of its last error forward
+    instead of a second forward: the same model, bit for bit, as the pass that runs that forward."""
+    from sparsegpt.prune.reconstruct import Reconstructor
+
+    dense, ids = make_tiny_model("llama").to(dtype), calib()
+    cfg = PruneConfig(sparsity=0.7, batch_size=4, reconstruct=ReconstructConfig(passes=2, lr=1e-3, batch=2))
+    fused, plain = copy.deepcopy(dense), copy.deepcopy(dense)
+    propagated = []
+    run_layer = sequential.run_layer
+    monkeypatch.setattr(sequential, "run_layer", lambda *a, **k: propagated.append(a[1]) or run_layer(*a, **k))
+    prune_model(fused, ids, cfg)
+    assert propagated == ([] if dtype == torch.float32 else [0])  # 2 layers: only layer 0 is propagated
+    monkeypatch.setattr(Reconstructor, "outputs", lambda self, store_device: None)
+    prune_model(plain, ids, cfg)
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_a_too_high_learning_rate_keeps_the_solved_layer(make_tiny_model, caplog):
     dense, ids = make_tiny_model("llama"), calib()
     oneshot, model = copy.deepcopy(dense), copy.deepcopy(dense)

@@ -127,6 +127,7 @@ class Reconstructor:
         self.chunk_rows = [min(cfg.batch, total_rows - c * cfg.batch) for c in range(-(-total_rows // cfg.batch))]
         self.total_rows = total_rows
         self.dense: list[Tensor] | None = None           # the dense prefix's outputs, per stored batch
+        self._kept: list[Tensor] | None = None           # the last trained layer's outputs (see `outputs`)
 
     @property
     def from_pruned(self) -> bool:
@@ -161,15 +162,25 @@ class Reconstructor:
         self.dense = targets
 
     @torch.no_grad()
-    def _errors(self, layer, index, calib, inputs, targets, device) -> tuple[float, float]:
-        """(Σ‖f(X) − T‖², Σ‖T‖²) over every rank's rows, in float64."""
+    def _errors(self, layer, index, calib, inputs, targets, device, keep: list | None = None) -> tuple[float, float]:
+        """(Σ‖f(X) − T‖², Σ‖T‖²) over every rank's rows, in float64; the outputs f(X) appended to `keep` if given."""
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         for b, x, t in zip(calib, inputs, targets):
             t = t.to(device, torch.float64)
-            sums[0] += (_forward32(layer, index, b, x, device).double() - t).square().sum()
+            out = _forward32(layer, index, b, x, device)
+            sums[0] += (out.double() - t).square().sum()
             sums[1] += t.square().sum()
+            if keep is not None:
+                keep.append(out)
         all_reduce_(self.world, sums)
         return sums[0].item(), sums[1].item()
+
+    def outputs(self, store_device) -> list[Tensor] | None:
+        """The reconstructed layer's outputs on the pruned stream, kept from the last `train` where they are exactly
+        what propagating it would compute (float32 layer, pruned inputs, weights not reverted): the pass then skips
+        that forward. None otherwise; consumed by the call."""
+        kept, self._kept = self._kept, None
+        return None if kept is None else [o.to(store_device) for o in kept]
 
     def train(self, layer: nn.Module, index: int, calib: list[LayerBatch], targets: list[Tensor],
               matrices: dict[str, tuple[nn.Module | ExpertLinear, Tensor]], device) -> dict:
@@ -186,13 +197,17 @@ class Reconstructor:
         params = [p for p, _ in trained]
         flags = [p.requires_grad for p in params]
         solved = [p.detach().clone() for p in params]
+        # the last error forward is the propagation forward where nothing differs: float32 layer, pruned stream
+        keep = [] if self.from_pruned and all(d == torch.float32 for d in dtypes if d.is_floating_point) else None
+        self._kept = None
         try:
             err, norm = self._errors(layer, index, calib, inputs, targets, device)
             before = err / norm
             steps = self._optimize(layer, index, calib, inputs, targets, trained, norm, device)
-            err, _ = self._errors(layer, index, calib, inputs, targets, device)
+            err, _ = self._errors(layer, index, calib, inputs, targets, device, keep)
             after = err / norm
             reverted = after > before
+            self._kept = None if reverted else keep
             if reverted:
                 log.warning("layer %d: reconstruction raised the output error %.4g -> %.4g (lr %g too high?); "
                             "keeping the solved weights", index, before, after, cfg.lr)

@@ -374,7 +374,9 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             del dense
             if i < len(layers) - 1:
                 with run.timing("propagate"):
-                    calib = run_layer(layer, i, calib, dev, store_device)
+                    kept = rec.outputs(store_device) if rec is not None and groups else None
+                    calib = run_layer(layer, i, calib, dev, store_device) if kept is None else \
+                        [replace(b, hidden=o) for b, o in zip(calib, kept)]
             release(calib, i)
             layer.to(home)
             _synchronize(dev)
