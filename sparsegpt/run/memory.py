@@ -14,6 +14,7 @@ calibrates nsamples / W sequences; the layer's Hessians are all-reduced, so ever
     Hessians exceed `experts.HESSIAN_BUDGET`: then one chunk of them (12 · cols² an expert + 16 · cols² to
     pool, or its float32 Hessians and the solver's working set while solving) and one more copy of the
     activations (the experts modules' inputs, kept for the chunks' replays).
+    With `reconstruct`, what training a solved layer holds beyond the Hessians it follows (`_reconstruct`).
     cpu: the model (or, streamed, everything but the decoder layers plus the layer being read), offloaded
     activations, the packed masks (1 bit per weight).
 Fine-tuning, per process, for P parameters of which Pt train (all, or LoRA's r·(in + out) per target), b the model
@@ -169,7 +170,23 @@ def _prune_step(facts: _Facts, stage: ResolvedStage, world_size: int) -> dict:
     cpu = {"model": (facts.params - layers + facts.layer_params if p.stream else facts.params) * b,
            "offloaded_activations": activations if p.offload_activations else 0,
            "masks_packed": sum(i * o for _, i, o in linears.values()) / 8}
+    if p.reconstruct is not None:  # after the solve, with the Hessians freed: only what exceeds them adds to the peak
+        recon, cpu["reconstruct_targets"] = _reconstruct(facts, linears, p, share, seqlen)
+        device["reconstruct"] = max(0.0, recon - device["hessians"])
     return _gib(stage.name, device, cpu)
+
+
+def _reconstruct(facts: _Facts, linears: dict, p, share: int, seqlen: int) -> tuple[float, float]:
+    """(device, cpu) bytes layer-wise reconstruction adds while a layer trains: the layer in float32 (the model's
+    dtype upcast); per trained weight its solved copy, Adam's two moments, the summed gradient and autograd's
+    (5 float32 values) and its mask (1 byte); one step's autograd activations (34·s·rows·h values in float32);
+    the targets (one more copy of this rank's activations, two with dense inputs: the dense stream besides), on
+    the CPU with offload_activations. Tests/test_reconstruct.py pins it to measured passes."""
+    b, r = facts.dtype_bytes, p.reconstruct
+    trained = max(sum(i * o for layer, i, o in linears.values() if layer == k) for k in range(facts.layers))
+    state = (4 - b) * facts.layer_params + (5 * 4 + 1) * trained + 4 * 34 * seqlen * min(r.batch, share) * facts.hidden
+    targets = (1 if r.inputs == "pruned" else 2) * share * seqlen * facts.hidden * b
+    return (state + targets, 0.0) if not p.offload_activations else (state, float(targets))
 
 
 def _trainable(facts: _Facts, stage: ResolvedStage) -> int:
