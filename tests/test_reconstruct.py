@@ -130,6 +130,7 @@ def test_off_by_default_takes_no_reconstruction_path(make_tiny_model, monkeypatc
     batches the rows otherwise; the weights are those of the pass without the feature (tests/test_sequential.py
     pins that pass against float64 references)."""
     assert PruneConfig().reconstruct is None
+    assert ReconstructConfig() == to_dataclass(PruneConfig, PruneSettings(reconstruct={}), sparsity=0.5).reconstruct
     assert to_dataclass(PruneConfig, PruneSettings(), sparsity=0.5).reconstruct is None
     assert to_dataclass(PruneConfig, PruneSettings(reconstruct={"passes": 3}), sparsity=0.5).reconstruct == \
         ReconstructConfig(passes=3)

@@ -78,8 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconstruct", action="store_true",
                    help="after each decoder layer is pruned, Adam on its kept weights (mask held) towards the dense "
                         "layer's outputs on the calibration rows")
-    p.add_argument("--reconstruct-passes", type=int, help="reconstruction: passes over the calibration rows (4)")
-    p.add_argument("--reconstruct-lr", type=float, help="reconstruction: Adam learning rate (3e-3)")
+    p.add_argument("--reconstruct-passes", type=int, help="reconstruction: passes over the calibration rows (3)")
+    p.add_argument("--reconstruct-lr", type=float, help="reconstruction: Adam learning rate (4e-3)")
     p.add_argument("--reconstruct-batch", type=int, help="reconstruction: calibration rows per step (2)")
     p.add_argument("--reconstruct-inputs", choices=["dense", "pruned"],
                    help="reconstruction: train each layer on the dense prefix's outputs or the pruned one's (pruned)")
