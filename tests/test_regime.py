@@ -84,18 +84,73 @@ def test_a_lead_inside_the_seed_spread_calls_no_winner(tmp_path):
 
 
 def test_shipped_smollm2_recipes_are_the_study_runs_their_headers_quote():
-    """smollm2_90 is the study's prog4-kd-64k-s0 and smollm2_80 its first three stages, setting for setting (only
-    evaluation extras and `mixed_precision: auto`, which is float32 where the study ran, may differ)."""
+    """smollm2_90 is the tuned study's recon-heal-64k-s0 and smollm2_80 its recon-heal80-64k-s0, setting for setting
+    (only `mixed_precision: auto`, which is float32 where the study ran, differs), at the lr the study chose."""
     root = Path(__file__).parents[1] / "recipes"
-    study = Recipe.model_validate(regime.build_recipe("prog4-kd", regime.LARGE, 0)).resolved_stages()
-    for name, n_stages in (("smollm2_90", 4), ("smollm2_80", 3)):
+    for name, run in (("smollm2_90", "recon-heal"), ("smollm2_80", "recon-heal80")):
+        study = Recipe.model_validate(regime.build_recipe(run, regime.LARGE, 0, lr=1e-3)).resolved_stages()
         shipped = load_recipe(root / f"{name}.yaml")
         assert shipped.distributed.mixed_precision == "auto" and shipped.seed == 0
         stages = shipped.resolved_stages()
-        assert len(stages) == n_stages
+        assert len(stages) == len(study) == 1
         for mine, theirs in zip(stages, study):
             assert (mine.target, mine.prune, mine.finetune) == (theirs.target, theirs.prune, theirs.finetune)
-            assert mine.eval.hooks == theirs.eval.hooks
+            assert mine.eval.hooks == theirs.eval.hooks and mine.eval.phases == theirs.eval.phases
+
+
+@pytest.mark.parametrize("recipe, budget, seed", regime.TUNED_PLAN, ids=lambda v: str(v))
+def test_every_tuned_run_is_valid_spends_its_budget_and_reports_the_tune_split(recipe, budget, seed):
+    r = Recipe.model_validate(regime.build_recipe(recipe, budget, seed, lr=1e-3))
+    stages = r.resolved_stages()
+    assert sum(s.finetune.tokens for s in stages if s.finetune) == budget
+    assert stages[-1].target == (0.8 if recipe.endswith("80") else 0.9)
+    assert all(s.finetune.lr == 1e-3 for s in stages if s.finetune)
+    assert all((s.prune.reconstruct is not None) == ("recon" in recipe) for s in stages)
+    splits = {(h["source"], h.get("split", "test")) for h in stages[-1].eval.hooks if h["type"] == "perplexity"}
+    assert splits == {("stdlib-docs", "test"), ("debian-licenses", "test"), ("stdlib-docs", "tune")}
+
+
+def _tuned_run(out: Path, name: str, points: dict) -> None:
+    folder = out / "runs" / name
+    folder.mkdir(parents=True)
+    for i, ((target, phase), (docs, licenses, tune)) in enumerate(sorted(points.items())):
+        append_metrics(folder, {"stage": i, "name": f"s{round(target * 100)}", "phase": phase, "target": target,
+                                "sparsity": target, "metrics": {"ppl/stdlib-docs": docs, "ppl/debian-licenses":
+                                                                licenses, "ppl/stdlib-docs@tune": tune}})
+
+
+def test_tuned_lr_is_chosen_on_the_tune_split_only(tmp_path):
+    """The lr with the lowest tune perplexity wins even where the evaluation windows would pick another; none is
+    chosen until every lr row has finished."""
+    evaluation = {"3e-4": (50.0, 300.0, 40.0), "1e-3": (70.0, 500.0, 30.0)}  # the test windows prefer 3e-4
+    for lr, values in evaluation.items():
+        _tuned_run(tmp_path, regime.tune_name(lr), {(0.9, "finetuned"): values})
+    assert regime.chosen_lr(tmp_path) is None  # 3e-3 has not run
+    _tuned_run(tmp_path, regime.tune_name("3e-3"), {(0.9, "pruned"): (900.0, 900.0, 900.0)})
+    assert regime.chosen_lr(tmp_path) is None  # nor finished
+    append_metrics(tmp_path / "runs" / regime.tune_name("3e-3"), {
+        "stage": 0, "name": "s90", "phase": "finetuned", "target": 0.9, "sparsity": 0.9,
+        "metrics": {"ppl/stdlib-docs": 60.0, "ppl/debian-licenses": 400.0, "ppl/stdlib-docs@tune": 35.0}})
+    assert regime.chosen_lr(tmp_path) == 1e-3
+
+
+def test_tuned_report_puts_old_rows_beside_new_and_computes_the_levers(tmp_path):
+    _tuned_run(tmp_path, "oneshot-heal-64k-s0", {(0.9, "pruned"): (1000.0, 4000.0, 800.0),
+                                                 (0.9, "finetuned"): (50.0, 800.0, 20.0)})
+    _tuned_run(tmp_path, "recon-heal-64k-s0", {(0.9, "pruned"): (100.0, 900.0, 70.0),
+                                               (0.9, "finetuned"): (25.0, 400.0, 10.0)})
+    _tuned_run(tmp_path, "recon-heal80-64k-s0", {(0.8, "pruned"): (40.0, 300.0, 20.0),
+                                                 (0.8, "finetuned"): (20.0, 200.0, 9.0)})
+    names = [regime.run_name(*r) for r in regime.TUNED_PLAN]
+    md = report.write_tuned_report(tmp_path, {"metrics": {"ppl/stdlib-docs": 15.0, "ppl/debian-licenses": 40.0}},
+                                   1e-3, names, {lr: regime.tune_name(lr) for lr in regime.TUNE_LRS})
+    assert "Tuned rows: lr 0.001, chosen on the tune split" in md
+    assert "| tuned | recon-heal80 | 65,536 | 0 | 20.0 | - |" in md  # an 80 % run's row has no 90 % cells
+    assert "| tuned | recon | 0 | 0 | - | 100.0 | 6.7 | - | 900.0 | 70.0 | - |" in md  # its model before healing
+    assert "| 12-01 | oneshot-heal | 65,536 | 0 | - | 169.0 |" in md  # the first study's row, kept
+    assert "| lr (1e-4 -> chosen) | 65,536 | 169.0 -> 50.0 (0.30x) | 977.1 -> 800.0 (0.82x) |" in md
+    assert "| reconstruction before healing | 65,536 | 50.0 -> 25.0 (0.50x) | 800.0 -> 400.0 (0.50x) |" in md
+    assert "| reconstruction, no healing | 0 | 1000.0 -> 100.0 (0.10x) | 4000.0 -> 900.0 (0.23x) |" in md
 
 
 def test_a_run_is_finished_only_when_every_stage_of_its_recipe_is_complete(tmp_path):

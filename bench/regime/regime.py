@@ -293,7 +293,9 @@ def tuned_main(args) -> int:
         run_all(args.out, rest, args.jobs, args.threads)
     from regime_report import write_tuned_report  # noqa: E402 -- matplotlib only when reporting
 
-    print(write_tuned_report(args.out, dense_metrics(args.out, args.threads), chosen_lr(args.out)))
+    names = list(dict.fromkeys(run_name(*r) for r in TUNED_PLAN))
+    print(write_tuned_report(args.out, dense_metrics(args.out, args.threads), chosen_lr(args.out), names,
+                             {lr: tune_name(lr) for lr in TUNE_LRS}))
     return 0
 
 

@@ -274,16 +274,15 @@ def levers(new: list[dict], old: list[dict]) -> list[str]:
     return lines
 
 
-def write_tuned_report(out: Path, dense_json: dict, lr: float | None) -> str:
-    """OUT/regime.{md,json}: the lr rows, the tuned rows beside the 2026-12-01 rows, the levers."""
-    from regime import TUNE_LRS, TUNED_PLAN, run_name, tune_name  # noqa: PLC0415 -- the study's plan
-
+def write_tuned_report(out: Path, dense_json: dict, lr: float | None, names: list[str],
+                       lr_runs: dict[str, str]) -> str:
+    """OUT/regime.{md,json}: the lr rows ({lr: run name}), the tuned rows (`names`) beside the 2026-12-01 rows, the
+    levers."""
     dense = {d: dense_json["metrics"][k] if "metrics" in dense_json else dense_json[k] for d, k in DOMAINS.items()}
-    names = list(dict.fromkeys(run_name(*r) for r in TUNED_PLAN))
     new = rows(collect(out, names), dense, (*DOMAINS, TUNE[0]))
     old = json.loads(OLD_RESULTS.read_text())["rows"]
-    md = "\n".join(["lr choice (recon-heal, 16 k tokens, seed 0):", "", *lr_rows(out, TUNE_LRS, tune_name), "",
-                    tuned_markdown(new, old, dense, lr)])
+    md = "\n".join(["lr choice (recon-heal, 16 k tokens, seed 0):", "", *lr_rows(out, tuple(lr_runs), lr_runs.get),
+                    "", tuned_markdown(new, old, dense, lr)])
     (out / "regime.md").write_text(md + "\n", encoding="utf-8")
     (out / "regime.json").write_text(json.dumps({"dense": dense, "lr": lr, "rows": new}, indent=1) + "\n")
     return md
