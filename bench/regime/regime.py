@@ -294,8 +294,12 @@ def tuned_main(args) -> int:
     from regime_report import write_tuned_report  # noqa: E402 -- matplotlib only when reporting
 
     names = list(dict.fromkeys(run_name(*r) for r in TUNED_PLAN))
-    print(write_tuned_report(args.out, dense_metrics(args.out, args.threads), chosen_lr(args.out), names,
-                             {lr: tune_name(lr) for lr in TUNE_LRS}))
+    lr = chosen_lr(args.out)
+    lr_runs = {text: tune_name(text) for text in TUNE_LRS}
+    # the lr row that was chosen is the plan's recon-heal at the small budget, seed 0 (the same recipe)
+    chosen = {run_name(TUNE_RECIPE, SMALL, 0): lr_runs[t] for t in TUNE_LRS if lr is not None and float(t) == lr}
+    print(write_tuned_report(args.out, dense_metrics(args.out, args.threads), lr, [*chosen, *names], lr_runs,
+                             chosen))
     return 0
 
 

@@ -49,11 +49,12 @@ def run_points(run_dir: Path) -> dict:
     return {"points": points, "seconds": seconds}
 
 
-def collect(out: Path, names: list[str]) -> dict:
-    """{(recipe, budget): {seed: run_points}} for every planned run with metrics (recipe (a) derived)."""
+def collect(out: Path, names: list[str], folders: dict[str, str] | None = None) -> dict:
+    """{(recipe, budget): {seed: run_points}} for every planned run with metrics (recipe (a) derived); `folders`
+    maps a run name to the run dir that holds it where they differ."""
     table: dict = {}
     for name in names:
-        run_dir = out / "runs" / name
+        run_dir = out / "runs" / (folders or {}).get(name, name)
         if not (run_dir / "metrics.jsonl").is_file():
             continue
         recipe, budget, seed = parse_name(name)
@@ -275,11 +276,11 @@ def levers(new: list[dict], old: list[dict]) -> list[str]:
 
 
 def write_tuned_report(out: Path, dense_json: dict, lr: float | None, names: list[str],
-                       lr_runs: dict[str, str]) -> str:
-    """OUT/regime.{md,json}: the lr rows ({lr: run name}), the tuned rows (`names`) beside the 2026-12-01 rows, the
-    levers."""
+                       lr_runs: dict[str, str], folders: dict[str, str] | None = None) -> str:
+    """OUT/regime.{md,json}: the lr rows ({lr: run name}), the tuned rows (`names`, their dirs per `folders`)
+    beside the 2026-12-01 rows, the levers."""
     dense = {d: dense_json["metrics"][k] if "metrics" in dense_json else dense_json[k] for d, k in DOMAINS.items()}
-    new = rows(collect(out, names), dense, (*DOMAINS, TUNE[0]))
+    new = rows(collect(out, names, folders), dense, (*DOMAINS, TUNE[0]))
     old = json.loads(OLD_RESULTS.read_text())["rows"]
     md = "\n".join(["lr choice (recon-heal, 16 k tokens, seed 0):", "", *lr_rows(out, tuple(lr_runs), lr_runs.get),
                     "", tuned_markdown(new, old, dense, lr)])
