@@ -58,7 +58,7 @@ def test_hooks_on_both_ranks_equal_one_process_and_samples_run_on_rank_0_only(ra
             assert got[0]["metrics"][key] == pytest.approx(value, rel=1e-6)
         else:
             assert got[0]["metrics"][key] == value, key  # sparsity and samples: computed once, on rank 0
-    assert got[0]["shares"] == {"ppl/text": [2, 1]} and expected.shares == {"ppl/text": [3]}
+    assert got[0]["shares"] == {"ppl/text@train": [2, 1]} and expected.shares == {"ppl/text@train": [3]}
     assert [r["samples_calls"] for r in records] == [1, 0]
     assert records[0]["after"] == records[1]["after"]  # the process group still works after every failure
 
@@ -72,7 +72,7 @@ def test_failing_hooks_are_recorded_alike_on_every_rank_and_stop_every_rank_unde
     assert expected.errors["ppl/no-such-source-xyz"].startswith(UNKNOWN)
     assert records[0]["bad_source"]["errors"] == expected.errors
     assert records[0]["bad_source"]["metrics"] == expected.metrics
-    assert records[0]["rank1_fails"]["errors"] == {"ppl/text": "RankFailed: rank 1 failed: RuntimeError: "
+    assert records[0]["rank1_fails"]["errors"] == {"ppl/text@train": "RankFailed: rank 1 failed: RuntimeError: "
                                                                 "rank-local failure"}
     assert [r["bad_source_fail_fast"]["raised"][:len(UNKNOWN)] for r in records] == [UNKNOWN, UNKNOWN]
     assert [r["rank1_fails_fail_fast"]["raised"] for r in records] == [

@@ -218,7 +218,7 @@ def test_moe_experts_are_reconstructed_in_their_fused_parameters():
     model = T.AutoModelForCausalLM.from_config(CONFIGS["qwen2_moe"](), dtype=torch.float32).eval()
     before = copy.deepcopy(model)
     result = prune_model(model, calib(vocab=128), PruneConfig(sparsity=0.5, batch_size=3, min_expert_tokens=64,
-                                                             reconstruct=ReconstructConfig(passes=2, batch=3)))
+                                                             reconstruct=ReconstructConfig(passes=2, lr=1e-3, batch=3)))
     assert all(r["error_after"] < r["error_before"] for r in result.reconstruction), result.reconstruction
     assert result.masks.verify(model)
     experts = [n for n in result.masks.masks if ".experts." in n]
