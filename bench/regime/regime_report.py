@@ -133,16 +133,21 @@ def markdown(table_rows: list[dict], dense: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              f"| dense | - | - | {dense['stdlib-docs']:.2f} | {dense['stdlib-docs']:.2f} | 1.0 | "
              f"{dense['debian-licenses']:.2f} | {dense['debian-licenses']:.2f} | - |"]
-    for r in table_rows:
-        lines.append("| " + " | ".join([
-            r["recipe"], f"{r['budget']:,}", ",".join(map(str, r["seeds"])),
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in table_rows]
+    return "\n".join(lines + ["", *verdicts(table_rows)])
+
+
+def _cells(r: dict, extra: tuple[str, ...] = ()) -> list[str]:
+    """A table row's cells: recipe, budget, seeds, both domains at 80 / 90 % (×dense at 90), each `extra` domain
+    at 90 %, minutes."""
+    return [r["recipe"], f"{r['budget']:,}", ",".join(map(str, r["seeds"])),
             _cell(r["stdlib-docs@80"], r["stdlib-docs@80 spread"]),
             _cell(r["stdlib-docs@90"], r["stdlib-docs@90 spread"]),
             f"{r['x dense @90']:.1f}" if r["x dense @90"] else "-",
             _cell(r["debian-licenses@80"], r["debian-licenses@80 spread"]),
             _cell(r["debian-licenses@90"], r["debian-licenses@90 spread"]),
-            f"{r['minutes']:.1f}" if r["minutes"] else "-"]) + " |")
-    return "\n".join(lines + ["", *verdicts(table_rows)])
+            *(_cell(r.get(f"{d}@90"), r.get(f"{d}@90 spread")) for d in extra),
+            f"{r['minutes']:.1f}" if r["minutes"] else "-"]
 
 
 def plot_sparsity(table: dict, dense: dict, path: Path) -> None:
@@ -232,15 +237,7 @@ def tuned_markdown(new: list[dict], old: list[dict], dense: dict, lr: float | No
              f"{dense['debian-licenses']:.2f} | {dense['debian-licenses']:.2f} | - | - |"]
     tagged = [("tuned", r) for r in new] + [("12-01", r) for r in old if r["budget"] in (0, 16384, 65536)]
     for study, r in sorted(tagged, key=lambda t: (t[1]["budget"], t[1]["recipe"], t[0] != "12-01")):
-        lines.append("| " + " | ".join([
-            study, r["recipe"], f"{r['budget']:,}", ",".join(map(str, r["seeds"])),
-            _cell(r["stdlib-docs@80"], r["stdlib-docs@80 spread"]),
-            _cell(r["stdlib-docs@90"], r["stdlib-docs@90 spread"]),
-            f"{r['x dense @90']:.1f}" if r["x dense @90"] else "-",
-            _cell(r["debian-licenses@80"], r["debian-licenses@80 spread"]),
-            _cell(r["debian-licenses@90"], r["debian-licenses@90 spread"]),
-            _cell(r.get(f"{TUNE[0]}@90"), r.get(f"{TUNE[0]}@90 spread")),
-            f"{r['minutes']:.1f}" if r["minutes"] else "-"]) + " |")
+        lines.append("| " + " | ".join([study, *_cells(r, (TUNE[0],))]) + " |")
     lr_text = f"lr {lr:g}, chosen on the tune split" if lr else "lr not chosen yet"
     return "\n".join([f"Tuned rows: {lr_text}; 12-01 rows: lr 1e-4, no reconstruction.", "", *lines, "",
                       *levers(new, old)])
