@@ -100,12 +100,18 @@ def source_label(source: str) -> str:
     return Path(source).stem if source.endswith((".txt", ".jsonl")) or os.sep in source else source
 
 
+def split_suffix(hook: dict) -> str:
+    """How a perplexity hook names its split: nothing for the test split, "@tune" (etc.) for another one, so two
+    hooks on one source ("ppl/stdlib-docs", "ppl/stdlib-docs@tune") never share a name."""
+    split = hook.get("split", "test")
+    return "" if split == "test" else f"@{split}"
+
+
 def hook_name(hook: dict) -> str:
     """The hook's label in `errors` and the prefix of its metric keys."""
     kind = hook["type"]
-    if kind == "perplexity":  # the test split is the plain key; another split is named: "ppl/stdlib-docs@tune"
-        split = hook.get("split", "test")
-        return f"ppl/{source_label(str(hook['source']))}" + ("" if split == "test" else f"@{split}")
+    if kind == "perplexity":
+        return f"ppl/{source_label(str(hook['source']))}{split_suffix(hook)}"
     if kind == "lm_eval":
         return "lm_eval/" + "+".join(hook["tasks"])
     if kind == "custom":

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from sparsegpt.config.hooks import split_suffix
 from sparsegpt.config.recipe import Recipe, ResolvedStage
 from sparsegpt.core.architectures import (
     ExpertLinear,
@@ -293,12 +294,9 @@ def _stage_row(stage: ResolvedStage, recipe: Recipe, estimates: dict) -> list[st
             f"{steps} steps lr auto (probes {f.search.cost(steps, _tokens_per_step(stage, d, estimates))}) {f.schedule}"
         finetune += f" +KD({f.kd.teacher})" if f.kd else ""
         finetune += f" +LoRA(r{f.lora.r})" if f.lora else ""
-    hooks = ", ".join(h["type"] + (f"({h['source']}{_split(h)})" if "source" in h else "") for h in stage.eval.hooks)
+    hooks = ", ".join(h["type"] + (f"({h['source']}{split_suffix(h)})" if "source" in h else "")
+                      for h in stage.eval.hooks)
     return [str(stage.index), stage.name, str(stage.target), prune, finetune, f"{'+'.join(stage.eval.phases)}: {hooks}"]
-
-
-def _split(hook: dict) -> str:
-    return "" if hook.get("split", "test") == "test" else f"@{hook['split']}"
 
 
 def _tokens_per_step(stage: ResolvedStage, d, estimates: dict) -> int:
