@@ -69,7 +69,7 @@ class ReconstructSettings(_Strict):
     """Layer-wise reconstruction after each decoder layer's solve (`reconstruct.ReconstructConfig`, same fields):
     Adam `passes` over the calibration rows, `batch` rows a step, on the dense or the pruned prefix's outputs."""
 
-    passes: int = Field(3, ge=1)  # the same defaults as reconstruct.ReconstructConfig (tests/test_reconstruct.py)
+    passes: int = Field(3, ge=1)  # the defaults of reconstruct.ReconstructConfig too (it reads them from here)
     lr: float = Field(4e-3, gt=0)
     batch: int = Field(2, ge=1)
     inputs: Literal["dense", "pruned"] = "pruned"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sparsegpt.config.settings import ReconstructSettings
 from sparsegpt.core.architectures import ExpertLinear
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import mask_in_param_layout
@@ -35,6 +36,7 @@ from sparsegpt.prune.capture import LayerBatch, forward_layer, to_device
 from sparsegpt.prune.distributed import all_reduce_
 
 log = logging.getLogger(__name__)
+_DEFAULTS = ReconstructSettings().model_dump()
 
 INPUTS = ("dense", "pruned")
 
@@ -44,10 +46,12 @@ class ReconstructConfig:
     """Adam passes over the calibration rows per decoder layer, its learning rate, rows per step, and which inputs
     the layer is trained on ("dense": the dense prefix's outputs; "pruned": the pruned prefix's)."""
 
-    passes: int = 3      # defaults, SmolLM2-135M at 90 %: 3 passes at 4e-3 equal 4 at 3e-3 on the tune split (117.9
-    lr: float = 4e-3     # vs 117.5) at 0.8x the cost; chosen there only (bench/prune/results_reconstruct.md)
-    batch: int = 2
-    inputs: str = "pruned"
+    # the defaults are the recipe's (`ReconstructSettings`, their one owner): SmolLM2-135M at 90 %, 3 passes at 4e-3
+    # equal 4 at 3e-3 on the tune split (117.9 vs 117.5) at 0.8x the cost; chosen there only (bench/RESULTS.md)
+    passes: int = _DEFAULTS["passes"]
+    lr: float = _DEFAULTS["lr"]
+    batch: int = _DEFAULTS["batch"]
+    inputs: str = _DEFAULTS["inputs"]
 
     def validate(self) -> None:
         """Raise UserError on the first bad field."""
