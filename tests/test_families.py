@@ -19,8 +19,8 @@ from sparsegpt.core.architectures import ExpertLinear, decoder_layers, family_of
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.heal.config import FinetuneConfig
 from sparsegpt.heal.finetune import finetune
-from sparsegpt.prune.capture import capture_layer_inputs
-from sparsegpt.prune.sequential import PruneConfig, layerwise_hidden_states, prune_model
+from sparsegpt.prune.capture import capture_layer_inputs, layerwise_hidden_states
+from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.storage.models import save_model
 
 VOCAB, ROWS, SEQLEN, BATCH, WINDOW = 512, 6, 16, 4, 4  # sliding window 4 < 16 tokens: the window matters

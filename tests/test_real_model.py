@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sparsegpt.core.data import calibration_ids
-from sparsegpt.prune.sequential import PruneConfig, layerwise_hidden_states, prune_model
+from sparsegpt.prune.capture import layerwise_hidden_states
+from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.storage.models import load_model
 
 pytestmark = pytest.mark.slow

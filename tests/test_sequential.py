@@ -15,7 +15,8 @@ from sparsegpt.core.data import calibration_ids
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.prune import allocation, sequential
-from sparsegpt.prune.sequential import PruneConfig, layerwise_hidden_states, prune_model
+from sparsegpt.prune.capture import layerwise_hidden_states
+from sparsegpt.prune.sequential import PruneConfig, prune_model
 from sparsegpt.prune.solver import prune_matrix, reconstruction_error
 from sparsegpt.storage.models import load_model
 

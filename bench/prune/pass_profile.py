@@ -6,7 +6,8 @@ layer forwards, Hessian sums (inside the forwards), factorizations (inside the s
 I/O. `--baseline DIR` also runs the pass with the sparsegpt package of DIR (e.g. a worktree of main:
 `git worktree add /tmp/main-old main`) in the same way, alternating old and new `--repeats` times so both see the
 same machine load; a checkout whose pass has fewer timers reports those it has (its `forward` includes its Hessian
-sums; its factorizations are timed by wrapping `inverse_hessian_factor`).
+sums; its factorizations are timed by wrapping `inverse_hessian_factor`). `--forward-dtypes` runs this checkout
+once per layer-forward precision (`PruneConfig.forward_dtype`), `--seeds` each column once per calibration seed.
 
 example (what bench/prune/results_profile.md was made with; its header has the exact command):
   python bench/prune/pass_profile.py --model smollm2-135m --nsamples 32 --seqlen 512 --baseline /tmp/main-old \\
@@ -55,13 +56,15 @@ def child(args) -> dict:
         sequential.inverse_hessian_factor = wrapped
     model, tokenizer = load_model(args.model, dtype="float32")
     calib = calibration_ids(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    cfg = sequential.PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, dtype=args.solver_dtype)
+    extra = {"forward_dtype": args.forward_dtype} if args.forward_dtype != "float32" else {}  # older: float32 only
+    cfg = sequential.PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, dtype=args.solver_dtype, **extra)
     load = os.getloadavg()[0]
     result = sequential.prune_model(model, calib, cfg)
     seconds = dict(result.world["ranks"][0]["seconds"])
     if timed:
         seconds["factor"] = factor_seconds[0]
-    row = {"package": str(Path(sequential.__file__).parents[2]), "seconds": result.seconds, "phases": seconds,
+    row = {"package": str(Path(sequential.__file__).parents[2]), "seed": args.seed,
+           "forward_dtype": args.forward_dtype, "seconds": result.seconds, "phases": seconds,
            "layer_seconds": result.layer_seconds, "load_before": load, "load_after": os.getloadavg()[0],
            "sparsity": result.masks.sparsity(), "error_sum": sum(s["error"] for s in result.stats)}
     for source in args.eval_sources:
@@ -70,14 +73,15 @@ def child(args) -> dict:
     return row
 
 
-def spawn(args, package: str) -> dict:
+def spawn(args, package: str, seed: int, forward_dtype: str) -> dict:
     """`child` in a fresh process importing sparsegpt from `package` (a checkout's root)."""
-    argv = [a for a in sys.argv[1:]]
+    argv = [*sys.argv[1:], "--seed", str(seed), "--forward-dtype", forward_dtype]
     env = {**os.environ, "PYTHONPATH": package, "OMP_NUM_THREADS": str(args.threads), "SPARSEGPT_NO_PROGRESS": "1"}
     done = subprocess.run([sys.executable, __file__, *argv, "--child"], env=env, stdout=subprocess.PIPE, text=True,
                           check=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{package}: {row['seconds']:.1f} s", {k: round(v, 1) for k, v in row["phases"].items()}, file=sys.stderr)
+    print(f"{package} seed {seed} {forward_dtype}: {row['seconds']:.1f} s",
+          {k: round(v, 1) for k, v in row["phases"].items()}, file=sys.stderr)
     return row
 
 
@@ -103,11 +107,12 @@ def report(args, started: datetime.datetime, cpu: str, runs: dict[str, list[dict
                          for n, rows in runs.items()),
              f"- model `{args.model}` (float32), SparseGPT {args.sparsity} (solver {args.solver_dtype}), "
              f"calibration {args.calib} "
-             f"{args.nsamples} × {args.seqlen} (batch {args.batch_size}, seed {args.seed}), 1 process; perplexity on "
+             f"{args.nsamples} × {args.seqlen} (batch {args.batch_size}, seeds {args.seeds}), 1 process; perplexity on "
              f"the validation split of {', '.join(args.eval_sources)} ({args.eval_windows} × {args.seqlen})",
              f"- command: `python bench/prune/pass_profile.py {' '.join(a for a in sys.argv[1:])}`",
-             "- seconds are means over the runs of each checkout (alternated, so both saw the same load); '–': that "
-             "checkout's pass has no timer for the phase (its time is inside another line)", "",
+             "- seconds are means over the runs of each column (alternated, so all saw the same load); '–': that "
+             "checkout's pass has no timer for the phase (its time is inside another line); perplexities: mean "
+             "(per seed)", "",
              "| phase | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label in PHASES:
         values = [mean([phase(r["phases"], key) for r in runs[n]]) for n in names]
@@ -119,9 +124,15 @@ def report(args, started: datetime.datetime, cpu: str, runs: dict[str, list[dict
     per_layer = [mean([sum(r["layer_seconds"]) / len(r["layer_seconds"]) for r in runs[n]]) for n in names]
     lines.append("| per decoder layer | " + " | ".join(f"{t:.2f}" for t in per_layer) + " |")
     for key in ["sparsity", "error_sum", *(f"ppl/{s}" for s in args.eval_sources)]:
-        lines.append(f"| {key} | " + " | ".join(f"{mean([r[key] for r in runs[n]]):.4g}" for n in names) + " |")
-    if len(names) == 2:
-        lines += ["", f"{names[1]} / {names[0]} pass time: {total[1] / total[0]:.2f}x"]
+        cells = []
+        for n in names:
+            by_seed = [mean([r[key] for r in runs[n] if r["seed"] == s]) for s in args.seeds]
+            shown = key.startswith("ppl/") and len(by_seed) > 1
+            spread = f" ({', '.join(f'{v:.4g}' for v in by_seed)})" if shown else ""
+            cells.append(f"{mean(by_seed):.4g}{spread}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if len(names) > 1:
+        lines += [""] + [f"{n} / {names[0]} pass time: {t / total[0]:.2f}x" for n, t in zip(names[1:], total[1:])]
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +144,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds, each run per column")
+    p.add_argument("--forward-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "auto"],
+                   help="this checkout's layer-forward precisions, a column each (the baseline runs float32)")
     p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--eval-sources", nargs="*", default=["stdlib-docs", "debian-licenses"])
@@ -142,6 +155,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", type=Path)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the child's
+    p.add_argument("--forward-dtype", default="float32", help=argparse.SUPPRESS)  # the child's
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -150,11 +165,14 @@ def main() -> None:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu if ln.startswith("Model name")), "?")
     here = str(Path(__file__).resolve().parents[2])
-    checkouts = {"baseline": args.baseline, "this checkout": here} if args.baseline else {"this checkout": here}
-    runs: dict[str, list[dict]] = {name: [] for name in checkouts}
-    for _ in range(args.repeats):
-        for name, package in checkouts.items():
-            runs[name].append(spawn(args, package))
+    columns = {f"this checkout ({d})": (here, d) for d in args.forward_dtypes}
+    if args.baseline:
+        columns = {"baseline": (args.baseline, "float32"), **columns}
+    runs: dict[str, list[dict]] = {name: [] for name in columns}
+    for repeat in range(args.repeats):
+        for seed in args.seeds:
+            for name, (package, dtype) in (columns.items() if repeat % 2 == 0 else reversed(columns.items())):
+                runs[name].append(spawn(args, package, seed, dtype))
     text = report(args, started, cpu, runs)
     print(text)
     if args.out:

@@ -34,6 +34,7 @@ from transformers import AutoConfig
 from sparsegpt.core.data import calibration_ids, check_source, default_seqlen
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.masks import MaskSet
+from sparsegpt.core.precision import FORWARD_DTYPES
 from sparsegpt.core.world import World, agree, joined
 from sparsegpt.core.world import rank_device as _device  # --device: under a launch, cuda is this rank's GPU
 from sparsegpt.prune.reconstruct import ReconstructConfig
@@ -89,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--dtype", default="auto", help="model weight dtype: auto, float32, bfloat16, float16")
     p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"], help="SparseGPT math dtype")
+    p.add_argument("--forward-dtype", default="float32", choices=list(FORWARD_DTYPES),
+                   help="the layer forwards (calibration, propagation) of float32 weights: float32, bfloat16 "
+                        "autocast, or auto = bfloat16 where the device multiplies it natively (default float32)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
 
 
@@ -120,6 +124,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
                       owl_lambda=args.owl_lambda, owl_m=args.owl_m, include=args.include, exclude=args.exclude,
                       batch_size=args.batch_size, offload_activations=args.offload_activations,
                       shared_hessian=not args.per_linear_hessian, dtype=args.solver_dtype,
+                      forward_dtype=args.forward_dtype,
                       prune_router=args.prune_router, prune_shared_experts=args.prune_shared_experts,
                       min_expert_tokens=args.min_expert_tokens, reconstruct=_reconstruct(args))
     cfg.validate()

@@ -80,3 +80,20 @@ def check_master_weights(dtypes: set[torch.dtype], *, zero_stage: int, mixed_pre
     raise UserError(f"{half[0]} trainable weights with {where} would train with no float32 master copy (small "
                     "updates round away silently); load float32 weights (--dtype float32 / recipe dtype: float32) "
                     "and train under mixed precision bf16, or use DeepSpeed ZeRO 1-3, which keeps float32 masters")
+
+
+FORWARD_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_forward_dtype(value: str, weights: torch.dtype) -> tuple[torch.dtype | None, str]:
+    """(the autocast dtype of the pruning pass's layer forwards, None for the weights' own; why) for
+    `prune.forward_dtype`. Only float32 weights are autocast: half-precision weights already run in their dtype.
+    `auto` is bfloat16 where this process's device multiplies it natively (`native_bf16`), float32 elsewhere."""
+    if value not in FORWARD_DTYPES:
+        raise UserError(f"forward_dtype {value!r} is unknown; choose one of {list(FORWARD_DTYPES)}")
+    if weights != torch.float32:
+        return None, f"the weights are {HALF.get(weights, weights)}: the forwards run in it"
+    if value != "auto":
+        return (torch.bfloat16 if value == "bfloat16" else None), "set in the config"
+    ok, why = native_bf16()
+    return (torch.bfloat16 if ok else None), why

@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.world import World, on_every_rank
-from sparsegpt.prune.sequential import layerwise_hidden_states
+from sparsegpt.prune.capture import layerwise_hidden_states
 
 T = TypeVar("T")
 

@@ -10,13 +10,16 @@ Tensors the model shares between layers (one mask for all full-attention layers)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
+from sparsegpt.core.architectures import decoder_layers, final_modules
 from sparsegpt.core.errors import UserError
 
 
@@ -141,19 +144,66 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
     return batches
 
 
-def forward_layer(layer: nn.Module, index: int, batch: LayerBatch, device) -> Tensor:
-    """Decoder layer `index`'s output hidden states for one batch, called with its own captured arguments."""
+def forward_layer(layer: nn.Module, index: int, batch: LayerBatch, device,
+                  autocast: torch.dtype | None = None) -> Tensor:
+    """Decoder layer `index`'s output hidden states for one batch, called with its own captured arguments; with
+    `autocast` (bfloat16) under torch.autocast: matmuls in it over the layer's own weights, the rest as autocast
+    keeps it (norms, softmax and the residual stream stay float32 for float32 weights)."""
     args, kwargs = batch.inputs[index]
-    out = layer(batch.hidden.to(device), *to_device(args, device), **to_device(kwargs, device))
+    dev = torch.device(device)
+    with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = layer(batch.hidden.to(dev), *to_device(args, dev), **to_device(kwargs, dev))
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_layer(layer: nn.Module, index: int, batches: list[LayerBatch], device, store_device) -> list[LayerBatch]:
-    """Forward every batch through layer `index`; the outputs become the next layer's inputs."""
-    return [replace(b, hidden=forward_layer(layer, index, b, device).to(store_device)) for b in batches]
+def run_layer(layer: nn.Module, index: int, batches: list[LayerBatch], device, store_device,
+              autocast: torch.dtype | None = None) -> list[LayerBatch]:
+    """Forward every batch through layer `index`; the outputs, in the inputs' dtype, become the next layer's
+    inputs."""
+    return [replace(b, hidden=forward_layer(layer, index, b, device, autocast).to(store_device, b.hidden.dtype))
+            for b in batches]
 
 
 def release(batches: list[LayerBatch], index: int) -> None:
     """Drop layer `index`'s stored arguments once it will not run again (frees masks only it used)."""
     for b in batches:
         b.inputs[index] = None
+
+
+def module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """Where the module's parameters live (`default` for a module without any, e.g. OLMo's LayerNorm)."""
+    param = next(module.parameters(), None)
+    return torch.device(default) if param is None else param.device
+
+
+def progress_disabled() -> bool:
+    """Whether tqdm bars are off (SPARSEGPT_NO_PROGRESS=1: logs and tests)."""
+    return os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
+
+
+@torch.no_grad()
+def layerwise_hidden_states(model: nn.Module, input_ids: Tensor, *, device: torch.device | str,
+                            batch_size: int = 8, offload: bool = False) -> list[Tensor]:
+    """Final hidden states (after the final norm), per batch of `batch_size` rows, on CPU — computed one
+    decoder layer at a time on `device`, so models larger than the device can be evaluated."""
+    layers = decoder_layers(model)
+    store_device = "cpu" if offload else device
+    was_training = model.training
+    model.eval()
+    try:
+        batches = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, store_device=store_device)
+        for i, layer in enumerate(tqdm(layers, desc="layerwise forward", disable=progress_disabled())):
+            home = module_device(layer)
+            layer.to(device)
+            batches = run_layer(layer, i, batches, device, store_device)
+            release(batches, i)
+            layer.to(home)
+        hidden = [b.hidden for b in batches]
+        for module in final_modules(model):
+            home = module_device(module, device)
+            module.to(device)
+            hidden = [module(h.to(device)).to(store_device) for h in hidden]
+            module.to(home)
+    finally:
+        model.train(was_training)
+    return [h.cpu() for h in hidden]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -28,7 +27,6 @@ from sparsegpt.core.architectures import (
     compile_filter,
     decoder_layers,
     family_of,
-    final_modules,
     prunable_linears,
     set_weight_from_linear,
     weight_as_linear,
@@ -36,11 +34,20 @@ from sparsegpt.core.architectures import (
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.failpoints import failpoint
 from sparsegpt.core.masks import MaskSet, PackedMasks
+from sparsegpt.core.precision import resolve_forward_dtype
 from sparsegpt.core.signals import stop_point
 from sparsegpt.core.world import World, agree
 from sparsegpt.prune import allocation
 from sparsegpt.prune.baselines import PRUNERS
-from sparsegpt.prune.capture import LayerBatch, capture_layer_inputs, forward_layer, release, run_layer
+from sparsegpt.prune.capture import (
+    LayerBatch,
+    capture_layer_inputs,
+    forward_layer,
+    module_device,
+    progress_disabled,
+    release,
+    run_layer,
+)
 from sparsegpt.prune.distributed import RankPass
 from sparsegpt.prune.experts import ExpertHessians, solve_by_chunks
 from sparsegpt.prune.reconstruct import ReconstructConfig, Reconstructor, as_config, row_pieces
@@ -71,6 +78,7 @@ class PruneConfig:
     offload_activations: bool = False
     shared_hessian: bool = True
     dtype: str = "float32"
+    forward_dtype: str = "float32"  # the layer forwards' autocast: float32 / bfloat16 / auto (core.precision)
     prune_router: bool = False          # MoE routers (gates) are left dense unless asked
     prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
     min_expert_tokens: int | None = None  # fewer routed tokens: Hessian topped up with the pooled one (None: width)
@@ -98,6 +106,7 @@ class PruneConfig:
         compile_filter(self.exclude, "exclude")
         if self.dtype not in SOLVER_DTYPES:
             raise UserError(f"solver dtype {self.dtype!r} is unknown; choose one of {list(SOLVER_DTYPES)}")
+        resolve_forward_dtype(self.forward_dtype, torch.float32)
         if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
             raise UserError(f"min_expert_tokens must be >= 0 (or None for each matrix's input width), "
                             f"got {self.min_expert_tokens}")
@@ -139,20 +148,10 @@ class LayerAccess:
         pass
 
 
-def _module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
-    """Where the module's parameters live (`default` for a module without any, e.g. OLMo's LayerNorm)."""
-    param = next(module.parameters(), None)
-    return torch.device(default) if param is None else param.device
-
-
 def _synchronize(device) -> None:
     """Wait for queued kernels so wall-clock timings are honest on CUDA."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _progress_disabled() -> bool:
-    return os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
 
 
 def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, ...], ...],
@@ -168,7 +167,7 @@ def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, 
 
 
 def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *, diag_only: bool,
-                min_expert_tokens=None, outputs_to=None, store_to=None
+                min_expert_tokens=None, outputs_to=None, store_to=None, autocast=None
                 ) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch], ExpertHessians]:
     """One forward of layer `index` with a pre-hook per input group (per fused experts module for expert
     matrices); returns per group leader H = 2/N Σ xxᵀ (one product per sequence, summed in float64 over all ranks'
@@ -176,8 +175,10 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
     pooled_weight}, the layer's outputs (this rank's) if outputs_to, and the experts' sums: their Hessians are
     among the returned ones unless they come in chunks (`experts.solve_by_chunks`; inputs cached on store_to).
     Per-sequence products summed in float64 make H independent of how the sequences are batched or split over
-    ranks (float32 sums differ in their last bits, which SparseGPT's mask choices amplify layer after layer)."""
-    sums, counts, handles = {}, {}, []
+    ranks (float32 sums differ in their last bits, which SparseGPT's mask choices amplify layer after layer).
+    Without outputs_to and experts, once the first batch showed each hook firing exactly once, later batches stop
+    the layer's forward at the last hook to fire: what follows it (e.g. down_proj's product) would be discarded."""
+    sums, counts, handles, calls, last = {}, {}, [], [], []
     experts = ExpertHessians({g[0]: linears[g[0]] for g in groups if isinstance(linears[g[0]], ExpertLinear)},
                              device, diag_only=diag_only, store_device=store_to)
     for group in groups:
@@ -195,6 +196,9 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
                 else:
                     add_gram_(sums[leader], args[0])
                 counts[leader] += args[0].numel() // args[0].shape[-1]
+            calls.append(leader)
+            if last == [leader]:
+                raise _LayerDone
 
         handles.append(linears[leader].register_forward_pre_hook(hook))
     handles += experts.attach()
@@ -202,9 +206,15 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
     try:
         with run.timing("forward"):
             for b in batches:
-                out = forward_layer(layer, index, b, device)
+                calls.clear()
+                try:
+                    out = forward_layer(layer, index, b, device, autocast)
+                except _LayerDone:
+                    continue
                 if outputs_to is not None:
-                    outputs.append(replace(b, hidden=out.to(outputs_to)))
+                    outputs.append(replace(b, hidden=out.to(outputs_to, b.hidden.dtype)))
+                elif not experts.modules and sorted(calls) == sorted(sums):  # each hook once: stop at the last
+                    last[:] = calls[-1:]
     finally:
         for h in handles:
             h.remove()
@@ -218,6 +228,10 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
     info.update({k: {"tokens": counts[k], "expert": None, "pooled_weight": 0.0} for k in sums})
     hessians.update({k: sums.pop(k).mul_(2.0 / counts[k]).float() for k in list(sums)})  # one float64 sum at a time
     return hessians, info, outputs, experts
+
+
+class _LayerDone(Exception):
+    """Raised by the last Hessian hook of a layer's forward once nothing after it is needed."""
 
 
 def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Module | ExpertLinear]]:
@@ -234,23 +248,23 @@ def _layer_linears(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Modu
 
 
 def _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access,
-                   run: RankPass) -> dict[int, float]:
+                   run: RankPass, autocast) -> dict[int, float]:
     """Per-layer sparsity: uniform, or OWL from a dense pass measuring |W|·‖x‖ outliers."""
     if cfg.allocation == "uniform":
         return allocation.uniform(list(range(len(per_layer))), cfg.target)
     family, layers = family_of(model), decoder_layers(model)
     ratios, floors = {}, {}
-    for i, layer in enumerate(tqdm(layers, desc="owl: outlier ratios", disable=_progress_disabled())):
+    for i, layer in enumerate(tqdm(layers, desc="owl: outlier ratios", disable=progress_disabled())):
         linears = per_layer[i]
         access.enter(i, layer)
-        dev = device or _module_device(layer)
-        home = _module_device(layer)
+        dev = device or module_device(layer)
+        home = module_device(layer)
         layer.to(dev)
         groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs, True)
         last = i == len(layers) - 1
         diags, _, outputs, _ = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=True,
                                            min_expert_tokens=cfg.min_expert_tokens,
-                                           outputs_to=None if last else store_device)
+                                           outputs_to=None if last else store_device, autocast=autocast)
         if linears:
             members = [(n, g[0]) for g in groups for n in g]
             ratios[i] = allocation.outlier_ratio([weight_as_linear(linears[n]) for n, _ in members],
@@ -323,10 +337,13 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     family, layers = family_of(model), decoder_layers(model)
     per_layer = _layer_linears(model, cfg)
     _check_base_masks(base_masks, per_layer, model)
+    autocast, why = resolve_forward_dtype(cfg.forward_dtype, next(layers[0].parameters()).dtype)
+    log.info("layer forwards %s (forward_dtype %s: %s)", f"under {autocast} autocast" if autocast else
+             "in the weights' dtype", cfg.forward_dtype, why)
     was_training = model.training
     model.eval()
     try:
-        store_device = "cpu" if cfg.offload_activations else (device or _module_device(layers[0]))
+        store_device = "cpu" if cfg.offload_activations else (device or module_device(layers[0]))
         own_ids = run.calibration_share(calib_ids)
         sizes, rec = cfg.batch_size, None
         if cfg.reconstruct is not None:  # batches cut at the reconstruction steps' row boundaries
@@ -335,18 +352,18 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
         with run.timing("capture"):
             calib = agree(run.world, lambda: capture_layer_inputs(
                 model, layers, own_ids, batch_size=sizes, store_device=store_device) if len(own_ids) else [])
-        targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access, run)
+        targets = _layer_targets(model, calib, per_layer, cfg, base_masks, device, store_device, access, run, autocast)
         masks, stats, layer_seconds, rebuilt = PackedMasks(), [], [], []  # masks packed as pruned: 1 bit a weight
         if rec is not None:
             rec.start(calib)
-        bar = tqdm(layers, desc=f"prune {cfg.method}", disable=_progress_disabled())
+        bar = tqdm(layers, desc=f"prune {cfg.method}", disable=progress_disabled())
         for i, layer in enumerate(bar):
             linears = per_layer[i]
             t0 = time.perf_counter()
             with run.timing("io"):
                 access.enter(i, layer)
-            dev = device or _module_device(layer)
-            home = _module_device(layer)
+            dev = device or module_device(layer)
+            home = module_device(layer)
             layer.to(dev)
             groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
                                    cfg.shared_hessian)
@@ -355,7 +372,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
                 outs_to = store_device if rec and rec.from_pruned else None
                 hessians, info, outs, moe = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
                                                         min_expert_tokens=cfg.min_expert_tokens, outputs_to=outs_to,
-                                                        store_to=store_device)
+                                                        store_to=store_device, autocast=autocast)
                 if rec is not None:
                     with run.timing("reconstruct"):
                         dense = rec.targets(layer, i, calib, outs, dev, store_device)
@@ -375,7 +392,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             if i < len(layers) - 1:
                 with run.timing("propagate"):
                     kept = rec.outputs(store_device) if rec is not None and groups else None
-                    calib = run_layer(layer, i, calib, dev, store_device) if kept is None else \
+                    calib = run_layer(layer, i, calib, dev, store_device, autocast) if kept is None else \
                         [replace(b, hidden=o) for b, o in zip(calib, kept)]
             release(calib, i)
             layer.to(home)
@@ -390,31 +407,3 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
         model.train(was_training)
     return PruneResult(masks=MaskSet(masks), stats=stats, seconds=time.perf_counter() - start,
                        layer_seconds=layer_seconds, world=run.record(), reconstruction=rebuilt)
-
-
-@torch.no_grad()
-def layerwise_hidden_states(model: nn.Module, input_ids: Tensor, *, device: torch.device | str,
-                            batch_size: int = 8, offload: bool = False) -> list[Tensor]:
-    """Final hidden states (after the final norm), per batch of `batch_size` rows, on CPU — computed one
-    decoder layer at a time on `device`, so models larger than the device can be evaluated."""
-    layers = decoder_layers(model)
-    store_device = "cpu" if offload else device
-    was_training = model.training
-    model.eval()
-    try:
-        batches = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, store_device=store_device)
-        for i, layer in enumerate(tqdm(layers, desc="layerwise forward", disable=_progress_disabled())):
-            home = _module_device(layer)
-            layer.to(device)
-            batches = run_layer(layer, i, batches, device, store_device)
-            release(batches, i)
-            layer.to(home)
-        hidden = [b.hidden for b in batches]
-        for module in final_modules(model):
-            home = _module_device(module, device)
-            module.to(device)
-            hidden = [module(h.to(device)).to(store_device) for h in hidden]
-            module.to(home)
-    finally:
-        model.train(was_training)
-    return [h.cpu() for h in hidden]
