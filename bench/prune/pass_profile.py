@@ -31,8 +31,21 @@ PHASES = [("capture", "capture forward"), ("forward-hessian", "layer forwards (d
           ("propagate", "propagation (pruned forwards)"), ("io", "layer I/O")]
 
 
+def use_package(package: str) -> None:
+    """Import sparsegpt from `package` (a checkout's root, first on PYTHONPATH): an editable install's finder sits
+    on sys.meta_path ahead of PYTHONPATH and would hand out its own checkout instead, so it is dropped here; the
+    import is then checked."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    import sparsegpt
+
+    got = Path(sparsegpt.__file__).resolve().parents[1]
+    if got != Path(package).resolve():
+        raise SystemExit(f"imported sparsegpt from {got}, not from {package}")
+
+
 def child(args) -> dict:
     """One pass in this process; its JSON row on the last stdout line."""
+    use_package(os.environ["PYTHONPATH"].split(os.pathsep)[0])
     import torch
 
     from sparsegpt.core.data import calibration_ids, eval_ids

@@ -120,7 +120,7 @@ def process_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def child_ours(work: Path, out: Path, _llmc_batch_size: int) -> dict:
+def child_ours(work: Path, out: Path, args) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -131,19 +131,21 @@ def child_ours(work: Path, out: Path, _llmc_batch_size: int) -> dict:
     model, _ = load_model(work / "base", dtype="float32", device="cpu")
     calib = load_calibration(work / "calib.pt")
     t1, w1 = time.process_time(), time.perf_counter()
-    cfg = PruneConfig(method="sparsegpt", sparsity=SPARSITY, blocksize=BLOCKSIZE, percdamp=DAMP)
+    cfg = PruneConfig(method="sparsegpt", sparsity=SPARSITY, blocksize=BLOCKSIZE, percdamp=DAMP,
+                      forward_dtype=args.ours_forward_dtype)
     result = prune_model(model, calib, cfg, device="cpu")
     t2, w2 = time.process_time(), time.perf_counter()
     phases = result.world["ranks"][0]["seconds"]  # wall seconds per phase of the pass
     row = {"load_cpu_s": t1 - t0, "load_wall_s": w1 - w0, "prune_cpu_s": t2 - t1, "prune_wall_s": w2 - w1,
            "process_cpu_s": process_cpu(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "threads": torch.get_num_threads(), "solve_wall_s": phases["solve"], "phases_wall_s": phases,
-           "settings": {"batch_size": cfg.batch_size, "shared_hessian": cfg.shared_hessian, "dtype": cfg.dtype}}
+           "settings": {"batch_size": cfg.batch_size, "shared_hessian": cfg.shared_hessian, "dtype": cfg.dtype,
+                        "forward_dtype": cfg.forward_dtype}}
     save_weights(model, out)
     return row
 
 
-def child_llmcompressor(work: Path, out: Path, batch_size: int) -> dict:
+def child_llmcompressor(work: Path, out: Path, args) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -154,7 +156,8 @@ def child_llmcompressor(work: Path, out: Path, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0, w0 = time.process_time(), time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32)
+    batch_size = args.llmc_batch_size
+    model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=getattr(torch, args.llmc_dtype))
     tokenizer = AutoTokenizer.from_pretrained(work / "base")
     ids = load_calibration(work / "calib.pt")
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
@@ -168,20 +171,22 @@ def child_llmcompressor(work: Path, out: Path, batch_size: int) -> dict:
     row = {"load_cpu_s": t1 - t0, "load_wall_s": w1 - w0, "prune_cpu_s": t2 - t1, "prune_wall_s": w2 - w1,
            "process_cpu_s": process_cpu(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "threads": torch.get_num_threads(), "llmcompressor": llmcompressor.__version__,
-           "settings": {"batch_size": batch_size, "pipeline": "independent -> sequential (inferred)",
+           "settings": {"batch_size": batch_size, "dtype": args.llmc_dtype,
+                        "pipeline": "independent -> sequential (inferred)",
                         "recipe": recipe.model_dump(exclude_none=True)}}
     save_weights(model, out)
     return row
 
 
-def run_child(side: str, work: Path, out: Path, llmc_batch_size: int) -> dict:
+def run_child(side: str, work: Path, out: Path, args) -> dict:
     """One side in a fresh process; its last stdout line is the JSON row; CPU from RUSAGE_CHILDREN as a check."""
     python = str(venv_python()) if side == "llmcompressor" else sys.executable
     env = {**os.environ, **ONE_THREAD}
     if side == "llmcompressor":
         env.pop("PYTHONPATH", None)  # nothing of ours in their process
     cmd = [python, str(Path(__file__).resolve()), "--child", side, "--work", str(work), "--weights", str(out),
-           "--llmc-batch-size", str(llmc_batch_size)]
+           "--llmc-batch-size", str(args.llmc_batch_size), "--llmc-dtype", args.llmc_dtype,
+           "--ours-forward-dtype", args.ours_forward_dtype]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -286,7 +291,7 @@ def bench(args) -> None:
         order = ("ours", "llmcompressor") if run % 2 == 0 else ("llmcompressor", "ours")
         for side in order:
             load_before = os.getloadavg()
-            row = run_child(side, work, work / f"{side}-{run}.safetensors", args.llmc_batch_size)
+            row = run_child(side, work, work / f"{side}-{run}.safetensors", args)
             row.update(run=run, load_before=load_before, load_after=os.getloadavg())
             print(f"run {run} {side}: prune {row['prune_cpu_s']:.1f} s CPU ({row['prune_wall_s']:.1f} s wall), "
                   f"process {row['process_cpu_s']:.1f} s CPU, load {load_before[0]:.1f}", flush=True)
@@ -299,7 +304,8 @@ def bench(args) -> None:
     loads.append(os.getloadavg())
     record = {"date": started.isoformat(timespec="seconds"), "commit": git_head(), "machine": machine(),
               "load_average": {"start": loads[0], "end": loads[1]}, "venv_freeze": freeze, "dense": dense,
-              "rows": rows, "runs": args.runs, "llmc_batch_size": args.llmc_batch_size, "work": str(work)}
+              "rows": rows, "runs": args.runs, "llmc_batch_size": args.llmc_batch_size, "llmc_dtype": args.llmc_dtype,
+              "ours_forward_dtype": args.ours_forward_dtype, "work": str(work)}
     history = json.loads(JSON_OUT.read_text()) if JSON_OUT.exists() else []
     history.append(record)
     JSON_OUT.write_text(json.dumps(history, indent=1) + "\n")
@@ -321,7 +327,10 @@ def section(rec: dict) -> list[str]:
     freeze = {line.split("==")[0].lower(): line.split("==")[-1] for line in rec["venv_freeze"] if "==" in line}
     flags = ", ".join(m["flags_of_note"]) or "none"
     batch = rec.get("llmc_batch_size", 1)
-    cmd = f"--runs {rec['runs']}" + (f" --llmc-batch-size {batch}" if batch != 1 else "")
+    llmc_dtype, forward = rec.get("llmc_dtype", "float32"), rec.get("ours_forward_dtype", "float32")
+    cmd = f"--runs {rec['runs']}" + (f" --llmc-batch-size {batch}" if batch != 1 else "") \
+        + (f" --llmc-dtype {llmc_dtype}" if llmc_dtype != "float32" else "") \
+        + (f" --ours-forward-dtype {forward}" if forward != "float32" else "")
     lines = [
         f"## {rec['date'][:16].replace('T', ' ')} UTC: `{cmd}`", "",
         f"- commit {rec['commit']}; machine: {m['cpu']}, {m['cores']} cores, flags of note: {flags}"
@@ -331,7 +340,8 @@ def section(rec: dict) -> list[str]:
         f"- ours: python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; llm-compressor's venv: "
         f"llmcompressor {freeze.get('llmcompressor', '?')}, torch {freeze.get('torch', '?')}, transformers "
         f"{freeze.get('transformers', '?')}, compressed-tensors {freeze.get('compressed-tensors', '?')}",
-        f"- calibration batch: ours 8 rows, llm-compressor {batch}", "",
+        f"- calibration batch: ours 8 rows, llm-compressor {batch}; precision: ours float32 weights with "
+        f"forward_dtype {forward}, llm-compressor's model loaded in {llmc_dtype}", "",
         "| run | side | prune CPU s | process CPU s | child CPU s | prune wall s | ratio ours/theirs (prune CPU) "
         f"| solve wall s | sparsity | ppl {EVAL_SOURCES[0]} | ppl {EVAL_SOURCES[1]} | peak RSS MB | load (1 min) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -424,12 +434,17 @@ def main() -> None:
                         help="folder for the dense model, calibration ids, pruned weights and child logs")
     parser.add_argument("--llmc-batch-size", type=int, default=1,
                         help="llm-compressor's calibration batch (default 1, its own default; ours is 8)")
+    parser.add_argument("--ours-forward-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="our pass's layer-forward precision (PruneConfig.forward_dtype; default float32)")
+    parser.add_argument("--llmc-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the dtype llm-compressor loads the model in (default float32; bfloat16 is what "
+                             "dtype='auto' gives for SmolLM2, whose config says bfloat16)")
     parser.add_argument("--child", choices=["ours", "llmcompressor"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         fn = child_ours if args.child == "ours" else child_llmcompressor
-        print(json.dumps(fn(Path(args.work), Path(args.weights), args.llmc_batch_size)))
+        print(json.dumps(fn(Path(args.work), Path(args.weights), args)))
         return
     if args.setup:
         setup()

@@ -310,9 +310,8 @@ def _solve_group(group, linears, hessians, info, target, cfg, base_masks, layer_
         results = [PRUNERS[cfg.method](w, hessian, target, percdamp=cfg.percdamp, base_mask=b, **kw)
                    for w, b in zip(weights, bases)]
     seconds = (time.perf_counter() - t0) / len(group)  # the group's solve, shared evenly
-    h64 = hessian.double()  # once per group: the error statistic is float64
     for name, weight, (pruned, mask) in zip(group, weights, results):
-        error = reconstruction_error(weight, pruned, h64)
+        error = reconstruction_error(weight, pruned, hessian)
         set_weight_from_linear(linears[name], pruned)
         masks[name] = mask.cpu()
         sparsity = mask.float().mean().item()
