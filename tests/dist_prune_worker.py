@@ -51,6 +51,8 @@ CASES = {
     "moe-chunked": ("qwen2_moe", 7, PruneConfig(sparsity=0.5, batch_size=3, min_expert_tokens=64)),  # BUDGETS
     "one-row": ("llama", 1, PruneConfig(sparsity=0.5)),               # rank 1 has no calibration row
     "one-group": ("llama", 7, PruneConfig(sparsity=0.5, batch_size=3, include=r"down_proj")),  # rank 1 solves none
+    # one forward a layer over each rank's 4 or 3 rows; every group's Hessian all-reduced inside its hook
+    "llama-trueseq": ("llama", 7, PruneConfig(sparsity=0.5, true_sequential=True)),
     # reconstruction: step chunk 1 (rows 3-5) is split over the ranks (4 + 3 rows), so the all-reduced gradient
     # sums what one process sums in one piece; pruned inputs with forward batches of 2 inside steps of 4 rows
     "llama-recon": ("llama", 7, PruneConfig(sparsity=0.5, batch_size=3, reconstruct=ReconstructConfig(

@@ -85,7 +85,8 @@ def test_bfloat16_forwards_autocast_the_matmuls_and_keep_float32_weights_and_hid
                                                         forward_dtype="bfloat16"))
     for h in handles:
         h.remove()
-    assert "layer forwards under torch.bfloat16 autocast (forward_dtype bfloat16: set in the config)" in caplog.text
+    assert "layer forwards in bfloat16 (forward_dtype bfloat16: set in the config)" in caplog.text
+    assert result.world["ranks"][0]["forward_dtype"] == "bfloat16"
     # o_proj and down_proj read outputs of autocast matmuls; the norms before q/k/v and gate/up stay float32
     assert seen["model.layers.0.self_attn.o_proj"] == {torch.bfloat16}
     assert seen["model.layers.0.mlp.down_proj"] == {torch.bfloat16}

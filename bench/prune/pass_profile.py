@@ -6,8 +6,8 @@ layer forwards, Hessian sums (inside the forwards), factorizations (inside the s
 I/O. `--baseline DIR` also runs the pass with the sparsegpt package of DIR (e.g. a worktree of main:
 `git worktree add /tmp/main-old main`) in the same way, alternating old and new `--repeats` times so both see the
 same machine load; a checkout whose pass has fewer timers reports those it has (its `forward` includes its Hessian
-sums; its factorizations are timed by wrapping `inverse_hessian_factor`). `--forward-dtypes` runs this checkout
-once per layer-forward precision (`PruneConfig.forward_dtype`), `--seeds` each column once per calibration seed.
+sums; its factorizations are timed by wrapping `inverse_hessian_factor`). `--variants` runs this checkout once
+per setting (`PruneConfig.forward_dtype`, `+ts`: `true_sequential`), `--seeds` each column once per calibration seed.
 
 example (what bench/prune/results_profile.md was made with; its header has the exact command):
   python bench/prune/pass_profile.py --model smollm2-135m --nsamples 32 --seqlen 512 --baseline /tmp/main-old \\
@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+VARIANTS = [f"{d}{ts}" for d in ("float32", "bfloat16", "auto") for ts in ("", "+ts")]
 PHASES = [("capture", "capture forward"), ("forward-hessian", "layer forwards (dense, with hooks)"),
           ("hessian", "Hessian sums Σxxᵀ"), ("communication", "communication"),
           ("factor", "inverse-Hessian factorizations"), ("solve-factor", "column loops, masks, errors"),
@@ -69,7 +70,8 @@ def child(args) -> dict:
         sequential.inverse_hessian_factor = wrapped
     model, tokenizer = load_model(args.model, dtype="float32")
     calib = calibration_ids(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    extra = {"forward_dtype": args.forward_dtype} if args.forward_dtype != "float32" else {}  # older: float32 only
+    extra = {"forward_dtype": args.forward_dtype} if args.forward_dtype != "float32" else {}  # older: neither
+    extra.update({"true_sequential": True} if args.true_sequential else {})
     cfg = sequential.PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, dtype=args.solver_dtype, **extra)
     load = os.getloadavg()[0]
     result = sequential.prune_model(model, calib, cfg)
@@ -77,7 +79,8 @@ def child(args) -> dict:
     if timed:
         seconds["factor"] = factor_seconds[0]
     row = {"package": str(Path(sequential.__file__).parents[2]), "seed": args.seed,
-           "forward_dtype": args.forward_dtype, "seconds": result.seconds, "phases": seconds,
+           "forward_dtype": args.forward_dtype, "true_sequential": args.true_sequential, "seconds": result.seconds,
+           "phases": seconds,
            "layer_seconds": result.layer_seconds, "load_before": load, "load_after": os.getloadavg()[0],
            "sparsity": result.masks.sparsity(), "error_sum": sum(s["error"] for s in result.stats)}
     for source in args.eval_sources:
@@ -86,14 +89,16 @@ def child(args) -> dict:
     return row
 
 
-def spawn(args, package: str, seed: int, forward_dtype: str) -> dict:
-    """`child` in a fresh process importing sparsegpt from `package` (a checkout's root)."""
-    argv = [*sys.argv[1:], "--seed", str(seed), "--forward-dtype", forward_dtype]
+def spawn(args, package: str, seed: int, variant: str) -> dict:
+    """`child` in a fresh process importing sparsegpt from `package` (a checkout's root), one `--variants` entry."""
+    forward_dtype, _, true_sequential = variant.partition("+")
+    argv = [*sys.argv[1:], "--seed", str(seed), "--forward-dtype", forward_dtype] + (["--true-sequential"] * bool(
+        true_sequential))
     env = {**os.environ, "PYTHONPATH": package, "OMP_NUM_THREADS": str(args.threads), "SPARSEGPT_NO_PROGRESS": "1"}
     done = subprocess.run([sys.executable, __file__, *argv, "--child"], env=env, stdout=subprocess.PIPE, text=True,
                           check=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{package} seed {seed} {forward_dtype}: {row['seconds']:.1f} s",
+    print(f"{package} seed {seed} {variant}: {row['seconds']:.1f} s",
           {k: round(v, 1) for k, v in row["phases"].items()}, file=sys.stderr)
     return row
 
@@ -158,8 +163,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds, each run per column")
-    p.add_argument("--forward-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "auto"],
-                   help="this checkout's layer-forward precisions, a column each (the baseline runs float32)")
+    p.add_argument("--variants", nargs="+", default=["float32"], choices=VARIANTS,
+                   help="this checkout's pass settings, a column each: the layer-forward precision "
+                        "(PruneConfig.forward_dtype), +ts for true_sequential (the baseline runs float32)")
     p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--eval-sources", nargs="*", default=["stdlib-docs", "debian-licenses"])
@@ -170,6 +176,7 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the child's
     p.add_argument("--forward-dtype", default="float32", help=argparse.SUPPRESS)  # the child's
+    p.add_argument("--true-sequential", action="store_true", help=argparse.SUPPRESS)  # the child's
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -178,7 +185,7 @@ def main() -> None:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu if ln.startswith("Model name")), "?")
     here = str(Path(__file__).resolve().parents[2])
-    columns = {f"this checkout ({d})": (here, d) for d in args.forward_dtypes}
+    columns = {f"this checkout ({v})": (here, v) for v in args.variants}
     if args.baseline:
         columns = {"baseline": (args.baseline, "float32"), **columns}
     runs: dict[str, list[dict]] = {name: [] for name in columns}

@@ -90,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--dtype", default="auto", help="model weight dtype: auto, float32, bfloat16, float16")
     p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"], help="SparseGPT math dtype")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="one forward per layer: each input group (q/k/v, o, gate/up, down) solved when first called, "
+                        "on inputs the groups before it already see pruned; all calibration rows in one forward")
     p.add_argument("--forward-dtype", default="float32", choices=list(FORWARD_DTYPES),
                    help="the layer forwards (calibration, propagation) of float32 weights: float32, bfloat16 "
                         "autocast, or auto = bfloat16 where the device multiplies it natively (default float32)")
@@ -124,7 +127,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
                       owl_lambda=args.owl_lambda, owl_m=args.owl_m, include=args.include, exclude=args.exclude,
                       batch_size=args.batch_size, offload_activations=args.offload_activations,
                       shared_hessian=not args.per_linear_hessian, dtype=args.solver_dtype,
-                      forward_dtype=args.forward_dtype,
+                      forward_dtype=args.forward_dtype, true_sequential=args.true_sequential,
                       prune_router=args.prune_router, prune_shared_experts=args.prune_shared_experts,
                       min_expert_tokens=args.min_expert_tokens, reconstruct=_reconstruct(args))
     cfg.validate()
@@ -172,6 +175,7 @@ def _report(args: argparse.Namespace, cfg: PruneConfig, seqlen: int, result, per
             "allocation": cfg.allocation, "prune_router": cfg.prune_router,
             "prune_shared_experts": cfg.prune_shared_experts, "min_expert_tokens": cfg.min_expert_tokens,
             "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen, "streamed": args.stream,
+            "forward_dtype": cfg.forward_dtype, "true_sequential": cfg.true_sequential,
             "reconstruct": dataclasses.asdict(cfg.reconstruct) if cfg.reconstruct else None,
             "reconstruction": result.reconstruction,
             "sparsity": result.masks.sparsity(), "per_linear": per_linear, "stats": result.stats,

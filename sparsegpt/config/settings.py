@@ -99,6 +99,14 @@ class PruneSettings(_Strict):
     prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
     min_expert_tokens: int | None = Field(None, ge=0)  # fewer routed tokens: pooled Hessian mixed in (None: width)
     reconstruct: ReconstructSettings | None = None  # layer-wise reconstruction after each layer's solve; None: off
+    true_sequential: bool = False  # one forward a layer; groups solved in call order (prune/true_sequential.py)
+
+    @model_validator(mode="after")
+    def _one_forward_or_reconstruct(self) -> "PruneSettings":
+        if self.true_sequential and self.reconstruct is not None:  # PruneConfig.validate says the same to API users
+            raise ValueError("reconstruct trains towards the dense layer's outputs, which true_sequential never "
+                             "computes; use one of them")
+        return self
 
     @field_validator("include", "exclude")
     @classmethod

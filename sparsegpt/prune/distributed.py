@@ -113,6 +113,7 @@ class RankPass:
     groups: int = 0
     linears: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    forward_dtype: str = "float32"  # what the layer forwards computed in (autocast, or the weights' dtype)
 
     def calibration_share(self, calib_ids: Tensor) -> Tensor:
         """This rank's contiguous share of the calibration rows (all of them in a world of one)."""
@@ -176,13 +177,15 @@ class RankPass:
         stats.extend(entry for k in range(len(groups)) for entry in solved[owners[k]][k])
 
     def record(self) -> dict:
-        """{size, ranks: per rank {rank, calibration_rows, groups, linears, seconds}} (a collective); logs this
-        rank's phases, the nested ones (hessian in forward, factor in solve) as their own line items."""
+        """{size, ranks: per rank {rank, calibration_rows, groups, linears, forward_dtype, seconds}} (a
+        collective); logs this rank's phases, the nested ones (hessian in forward, factor in solve) as their own
+        line items."""
         sec = self.seconds
         log.info("pass phases (rank %d): capture %.1fs, layer forwards %.1fs, Hessian sums %.1fs, communication "
                  "%.1fs, factorizations %.1fs, solves %.1fs, propagation %.1fs, layer I/O %.1fs",
                  self.world.rank, sec["capture"], sec["forward"] - sec["hessian"], sec["hessian"],
                  sec["communication"], sec["factor"], sec["solve"] - sec["factor"], sec["propagate"], sec["io"])
         own = dict(rank=self.world.rank, calibration_rows=self.calibration_rows, groups=self.groups,
-                   linears=self.linears, seconds={k: round(v, 4) for k, v in self.seconds.items()})
+                   linears=self.linears, forward_dtype=self.forward_dtype,
+                   seconds={k: round(v, 4) for k, v in self.seconds.items()})
         return {"size": self.world.size, "ranks": self.world.gather_objects(own)}

@@ -52,6 +52,7 @@ from sparsegpt.prune.distributed import RankPass
 from sparsegpt.prune.experts import ExpertHessians, solve_by_chunks
 from sparsegpt.prune.reconstruct import ReconstructConfig, Reconstructor, as_config, row_pieces
 from sparsegpt.prune.solver import add_gram_, inverse_hessian_factor, prune_group_with_factor, reconstruction_error
+from sparsegpt.prune.true_sequential import check_true_sequential, forward_solving
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class PruneConfig:
     prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
     min_expert_tokens: int | None = None  # fewer routed tokens: Hessian topped up with the pooled one (None: width)
     reconstruct: ReconstructConfig | None = None  # layer-wise reconstruction after each layer's solve (None: off)
+    true_sequential: bool = False  # one forward a layer, each group solved at its first hook (prune.true_sequential)
 
     def __post_init__(self) -> None:
         self.reconstruct = as_config(self.reconstruct)  # the recipe's settings model arrives as is (to_dataclass)
@@ -112,6 +114,9 @@ class PruneConfig:
                             f"got {self.min_expert_tokens}")
         if self.reconstruct is not None:
             self.reconstruct.validate()
+            if self.true_sequential:
+                raise UserError("reconstruct trains towards the dense layer's outputs, which true_sequential never "
+                                "computes; use one of them")
 
     @property
     def target(self) -> float:
@@ -336,15 +341,17 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     family, layers = family_of(model), decoder_layers(model)
     per_layer = _layer_linears(model, cfg)
     _check_base_masks(base_masks, per_layer, model)
-    autocast, why = resolve_forward_dtype(cfg.forward_dtype, next(layers[0].parameters()).dtype)
-    log.info("layer forwards %s (forward_dtype %s: %s)", f"under {autocast} autocast" if autocast else
-             "in the weights' dtype", cfg.forward_dtype, why)
+    autocast, why = resolve_forward_dtype(cfg.forward_dtype, weights := next(layers[0].parameters()).dtype)
+    run.forward_dtype = str(autocast or weights).removeprefix("torch.")
+    log.info("layer forwards in %s (forward_dtype %s: %s)", run.forward_dtype, cfg.forward_dtype, why)
     was_training = model.training
     model.eval()
     try:
         store_device = "cpu" if cfg.offload_activations else (device or module_device(layers[0]))
         own_ids = run.calibration_share(calib_ids)
-        sizes, rec = cfg.batch_size, None
+        sizes, rec = (max(1, len(own_ids)) if cfg.true_sequential else cfg.batch_size), None  # true-seq: one batch
+        if cfg.true_sequential:
+            check_true_sequential(per_layer, len(calib_ids), run.world.size)
         if cfg.reconstruct is not None:  # batches cut at the reconstruction steps' row boundaries
             pieces = row_pieces(run.world.share(len(calib_ids)), cfg.reconstruct.batch, cfg.batch_size)
             sizes, rec = [n for _, n in pieces], Reconstructor(cfg.reconstruct, pieces, len(calib_ids), run.world)
@@ -367,7 +374,12 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             groups = _input_groups(list(linears), f"{family.layers_path}.{i}.", family.shared_inputs,
                                    cfg.shared_hessian)
             dense = None  # with reconstruct: the dense layer's outputs, its targets
-            if groups:  # a layer the include/exclude filters left empty is only propagated
+            if groups and cfg.true_sequential:  # the forward solves each group and yields the pruned outputs
+                out = forward_solving(layer, i, calib[0], linears, groups, dev, run, masks, stats, lambda g, h, n, o:
+                                      _solve_group(g, linears, h, n, targets[i], cfg, base_masks, i, masks, o,
+                                                   run.timing), autocast)
+                calib = [replace(calib[0], hidden=out.to(store_device, calib[0].hidden.dtype))]
+            elif groups:  # a layer the include/exclude filters left empty is only propagated
                 outs_to = store_device if rec and rec.from_pruned else None
                 hessians, info, outs, moe = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
                                                         min_expert_tokens=cfg.min_expert_tokens, outputs_to=outs_to,
@@ -388,7 +400,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
                 with run.timing("reconstruct"):
                     rec.advance(layer, i, calib, dense, dev, store_device)
             del dense
-            if i < len(layers) - 1:
+            if i < len(layers) - 1 and not (groups and cfg.true_sequential):
                 with run.timing("propagate"):
                     kept = rec.outputs(store_device) if rec is not None and groups else None
                     calib = run_layer(layer, i, calib, dev, store_device, autocast) if kept is None else \

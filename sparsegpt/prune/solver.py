@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 INNER_BLOCK = 16          # columns per rank-1 sub-block of the column loop (bench/prune/results_profile.md)
 GRAM_BLOCK = 128          # rows per GEMM of the Gram sums' upper block triangle (bench/prune/results_profile.md)
-DAMP_RETRIES = 4          # extra Cholesky attempts, each with 10x the damping
+DAMP_RETRIES = 12         # extra Cholesky attempts, each with twice the damping: float32 Gram products leave H
+DAMP_STEP = 2             # indefinite by rounding (~1e-5 of its largest eigenvalue) where a few outlier
+                          # features make mean(diag) small; the least damping that factors is the best solve
 FIRST_RETRY_PERCDAMP = 1e-4  # damping of the first retry when percdamp was 0
 
 
@@ -53,7 +55,7 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float = 0.01, *,
     p = percdamp
     for attempt in range(DAMP_RETRIES + 1):
         if attempt:
-            p = 10 * p if p > 0 else FIRST_RETRY_PERCDAMP
+            p = DAMP_STEP * p if p > 0 else FIRST_RETRY_PERCDAMP
         damp = p * scale
         eye = torch.eye(len(H), dtype=dtype, device=H.device)
         # H + damp·I with rows and columns reversed (J H J) = L Lᵀ, so H + damp·I = R Rᵀ with R = J L J upper, and

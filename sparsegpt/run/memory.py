@@ -171,6 +171,9 @@ def _prune_step(facts: _Facts, stage: ResolvedStage, world_size: int) -> dict:
     cpu = {"model": (facts.params - layers + facts.layer_params if p.stream else facts.params) * b,
            "offloaded_activations": activations if p.offload_activations else 0,
            "masks_packed": sum(i * o for _, i, o in linears.values()) / 8}
+    if p.true_sequential:  # one forward over all of the rank's rows: the MLP's two widest outputs (gate, up) live
+        # at once for every token (tests/test_true_sequential.py pins it to a profiler-measured pass)
+        device["forward_activations"] = share * seqlen * 2 * max(o for i, _, o in linears.values() if i == 0) * b
     if p.reconstruct is not None:  # after the solve, with the Hessians freed: only what exceeds them adds to the peak
         recon, cpu["reconstruct_targets"] = _reconstruct(facts, linears, p, share, seqlen)
         device["reconstruct"] = max(0.0, recon - device["hessians"])
