@@ -135,6 +135,9 @@ def test_format_plan_lists_stages_and_memory():
     text = format_plan(r, estimate(TINY, r, 1))
     assert "+recon(2 passes, pruned inputs)" in text
     assert "perplexity(stdlib-docs), perplexity(stdlib-docs@tune)" in text
+    r = recipe(stages=[{"name": "a", "target": 0.5, "prune": {"true_sequential": True, "forward_dtype": "auto"}}])
+    e = estimate(TINY, r, 1)
+    assert "sparsegpt/uniform 4x32 +true-seq fwd auto" in format_plan(r, e) and e["prune"]["forward_activations"] > 0
 
 
 def test_plan_for_reads_only_the_config(tmp_path):

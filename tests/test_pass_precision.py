@@ -133,3 +133,15 @@ def test_recipe_and_cli_carry_forward_dtype(tmp_path, tiny_llama_dir, monkeypatc
     with pytest.raises(SystemExit) as bad:
         main(["prune", "--model", str(tiny_llama_dir), "--forward-dtype", "fp16", "--out", str(tmp_path / "x")])
     assert bad.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_hessian_products_stay_float32_inside_autocast_forwards():
+    """The Hessian hooks run inside the autocast layer forward: its matmuls must not turn into bf16 products
+    (rounded to 8 bits of mantissa, they left H indefinite enough to need 4-8 % damping)."""
+    from sparsegpt.prune.solver import add_gram_
+
+    x = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0))
+    outside = add_gram_(torch.zeros(96, 96, dtype=torch.float64), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = add_gram_(torch.zeros(96, 96, dtype=torch.float64), x)
+    assert torch.equal(inside, outside)

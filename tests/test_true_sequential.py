@@ -156,7 +156,8 @@ def test_cli_streamed_equals_in_memory_and_the_report_says_how(tiny_llama_dir, t
     assert all(torch.equal(ma.masks[n], mb.masks[n]) for n in ma.masks)
     report = json.loads((streamed / "sparsity.json").read_text())
     assert report["true_sequential"] and report["forward_dtype"] == "bfloat16"
-    assert report["world"]["ranks"][0]["forward_dtype"] == "bfloat16" and report["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert report["world"]["ranks"][0]["forward_dtype"] == "bfloat16"
+    assert report["sparsity"] == pytest.approx(0.6, abs=1e-3)
 
 
 def test_memory_estimate_follows_a_measured_pass():

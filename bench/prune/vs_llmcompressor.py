@@ -132,7 +132,7 @@ def child_ours(work: Path, out: Path, args) -> dict:
     calib = load_calibration(work / "calib.pt")
     t1, w1 = time.process_time(), time.perf_counter()
     cfg = PruneConfig(method="sparsegpt", sparsity=SPARSITY, blocksize=BLOCKSIZE, percdamp=DAMP,
-                      forward_dtype=args.ours_forward_dtype)
+                      forward_dtype=args.ours_forward_dtype, true_sequential=args.ours_true_sequential)
     result = prune_model(model, calib, cfg, device="cpu")
     t2, w2 = time.process_time(), time.perf_counter()
     phases = result.world["ranks"][0]["seconds"]  # wall seconds per phase of the pass
@@ -140,7 +140,7 @@ def child_ours(work: Path, out: Path, args) -> dict:
            "process_cpu_s": process_cpu(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "threads": torch.get_num_threads(), "solve_wall_s": phases["solve"], "phases_wall_s": phases,
            "settings": {"batch_size": cfg.batch_size, "shared_hessian": cfg.shared_hessian, "dtype": cfg.dtype,
-                        "forward_dtype": cfg.forward_dtype}}
+                        "forward_dtype": cfg.forward_dtype, "true_sequential": cfg.true_sequential}}
     save_weights(model, out)
     return row
 
@@ -186,7 +186,7 @@ def run_child(side: str, work: Path, out: Path, args) -> dict:
         env.pop("PYTHONPATH", None)  # nothing of ours in their process
     cmd = [python, str(Path(__file__).resolve()), "--child", side, "--work", str(work), "--weights", str(out),
            "--llmc-batch-size", str(args.llmc_batch_size), "--llmc-dtype", args.llmc_dtype,
-           "--ours-forward-dtype", args.ours_forward_dtype]
+           "--ours-forward-dtype", args.ours_forward_dtype] + ["--ours-true-sequential"] * args.ours_true_sequential
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -305,7 +305,8 @@ def bench(args) -> None:
     record = {"date": started.isoformat(timespec="seconds"), "commit": git_head(), "machine": machine(),
               "load_average": {"start": loads[0], "end": loads[1]}, "venv_freeze": freeze, "dense": dense,
               "rows": rows, "runs": args.runs, "llmc_batch_size": args.llmc_batch_size, "llmc_dtype": args.llmc_dtype,
-              "ours_forward_dtype": args.ours_forward_dtype, "work": str(work)}
+              "ours_forward_dtype": args.ours_forward_dtype, "ours_true_sequential": args.ours_true_sequential,
+              "work": str(work)}
     history = json.loads(JSON_OUT.read_text()) if JSON_OUT.exists() else []
     history.append(record)
     JSON_OUT.write_text(json.dumps(history, indent=1) + "\n")
@@ -328,9 +329,11 @@ def section(rec: dict) -> list[str]:
     flags = ", ".join(m["flags_of_note"]) or "none"
     batch = rec.get("llmc_batch_size", 1)
     llmc_dtype, forward = rec.get("llmc_dtype", "float32"), rec.get("ours_forward_dtype", "float32")
+    ours_batch = "all rows in one forward (true_sequential)" if rec.get("ours_true_sequential") else "8 rows"
     cmd = f"--runs {rec['runs']}" + (f" --llmc-batch-size {batch}" if batch != 1 else "") \
         + (f" --llmc-dtype {llmc_dtype}" if llmc_dtype != "float32" else "") \
-        + (f" --ours-forward-dtype {forward}" if forward != "float32" else "")
+        + (f" --ours-forward-dtype {forward}" if forward != "float32" else "") \
+        + (" --ours-true-sequential" if rec.get("ours_true_sequential") else "")
     lines = [
         f"## {rec['date'][:16].replace('T', ' ')} UTC: `{cmd}`", "",
         f"- commit {rec['commit']}; machine: {m['cpu']}, {m['cores']} cores, flags of note: {flags}"
@@ -340,8 +343,9 @@ def section(rec: dict) -> list[str]:
         f"- ours: python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; llm-compressor's venv: "
         f"llmcompressor {freeze.get('llmcompressor', '?')}, torch {freeze.get('torch', '?')}, transformers "
         f"{freeze.get('transformers', '?')}, compressed-tensors {freeze.get('compressed-tensors', '?')}",
-        f"- calibration batch: ours 8 rows, llm-compressor {batch}; precision: ours float32 weights with "
-        f"forward_dtype {forward}, llm-compressor's model loaded in {llmc_dtype}", "",
+        f"- calibration batch: ours {ours_batch}, "
+        f"llm-compressor {batch}; precision: ours float32 weights with forward_dtype {forward}, llm-compressor's "
+        f"model loaded in {llmc_dtype}", "",
         "| run | side | prune CPU s | process CPU s | child CPU s | prune wall s | ratio ours/theirs (prune CPU) "
         f"| solve wall s | sparsity | ppl {EVAL_SOURCES[0]} | ppl {EVAL_SOURCES[1]} | peak RSS MB | load (1 min) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -436,6 +440,8 @@ def main() -> None:
                         help="llm-compressor's calibration batch (default 1, its own default; ours is 8)")
     parser.add_argument("--ours-forward-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                         help="our pass's layer-forward precision (PruneConfig.forward_dtype; default float32)")
+    parser.add_argument("--ours-true-sequential", action="store_true",
+                        help="our pass with true_sequential (one forward per layer; PruneConfig.true_sequential)")
     parser.add_argument("--llmc-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the dtype llm-compressor loads the model in (default float32; bfloat16 is what "
                              "dtype='auto' gives for SmolLM2, whose config says bfloat16)")

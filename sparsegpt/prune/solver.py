@@ -202,10 +202,11 @@ def add_gram_(total: Tensor, x: Tensor, *, block: int = GRAM_BLOCK) -> Tensor:
     cols = x.shape[-1]
     compute = torch.promote_types(x.dtype, torch.float32)
     starts = range(0, cols, block)
-    for seq in x.reshape(-1, x.shape[-2], cols) if x.ndim > 2 else x.unsqueeze(0):
-        seq = seq.to(compute)
-        for b in starts:
-            total[b:b + block, b:].add_(seq[:, b:b + block].t() @ seq[:, b:])
+    with torch.autocast(x.device.type, enabled=False):  # called from hooks inside autocast forwards: stay float32
+        for seq in x.reshape(-1, x.shape[-2], cols) if x.ndim > 2 else x.unsqueeze(0):
+            seq = seq.to(compute)
+            for b in starts:
+                total[b:b + block, b:].add_(seq[:, b:b + block].t() @ seq[:, b:])
     for b in starts:  # lower := upperᵀ, a block at a time (no cols² temporary)
         diag = total[b:b + block, b:b + block]
         diag.copy_(diag.triu() + diag.triu(1).t())

@@ -285,9 +285,10 @@ def estimate(config, recipe: Recipe, world_size: int = 1) -> dict:
 def _stage_row(stage: ResolvedStage, recipe: Recipe, estimates: dict) -> list[str]:
     p, f, d = stage.prune, stage.finetune, recipe.distributed
     seqlen = p.seqlen or estimates["default_seqlen"]
+    recon = f" +recon({p.reconstruct.passes} passes, {p.reconstruct.inputs} inputs)" if p.reconstruct else ""
+    forward = " +true-seq" * p.true_sequential + (f" fwd {p.forward_dtype}" if p.forward_dtype != "float32" else "")
     prune = "keep (dense)" if not (stage.sparsity or stage.prune_n) else \
-        f"{p.method}/{p.allocation} {p.nsamples}x{seqlen}" + (f" +recon({p.reconstruct.passes} passes, "
-                                                            f"{p.reconstruct.inputs} inputs)" if p.reconstruct else "")
+        f"{p.method}/{p.allocation} {p.nsamples}x{seqlen}{recon}{forward}"
     if f is None:
         finetune = "one-shot"
     else:
