@@ -145,3 +145,19 @@ def test_hessian_products_stay_float32_inside_autocast_forwards():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = add_gram_(torch.zeros(96, 96, dtype=torch.float64), x)
     assert torch.equal(inside, outside)
+
+
+def test_bfloat16_hessian_products_are_opt_in_and_rounded():
+    from sparsegpt.prune.solver import add_gram_
+
+    x = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0))
+    exact = x.double().reshape(-1, 96).T @ x.double().reshape(-1, 96)
+    fp32 = add_gram_(torch.zeros(96, 96, dtype=torch.float64), x)
+    bf16 = add_gram_(torch.zeros(96, 96, dtype=torch.float64), x, dtype=torch.bfloat16)
+    scale = exact.abs().max()
+    assert (fp32 - exact).abs().max() / scale < 1e-6  # float32 products: rounding of a 64-term sum
+    assert 1e-4 < (bf16 - exact).abs().max() / scale < 2e-2  # inputs and each sequence's product rounded to bf16
+    assert torch.equal(bf16, bf16.T)
+    with pytest.raises(UserError, match="hessian_dtype 'float16' is unknown; choose one of"):
+        PruneConfig(hessian_dtype="float16").validate()
+    assert to_dataclass(PruneConfig, PruneSettings(hessian_dtype="bfloat16")).hessian_dtype == "bfloat16"

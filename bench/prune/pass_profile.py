@@ -7,7 +7,8 @@ I/O. `--baseline DIR` also runs the pass with the sparsegpt package of DIR (e.g.
 `git worktree add /tmp/main-old main`) in the same way, alternating old and new `--repeats` times so both see the
 same machine load; a checkout whose pass has fewer timers reports those it has (its `forward` includes its Hessian
 sums; its factorizations are timed by wrapping `inverse_hessian_factor`). `--variants` runs this checkout once
-per setting (`PruneConfig.forward_dtype`, `+ts`: `true_sequential`), `--seeds` each column once per calibration seed.
+per setting (`PruneConfig.forward_dtype`, `+ts`: `true_sequential`, `+h16`: `hessian_dtype` bfloat16),
+`--seeds` each column once per calibration seed.
 
 example (what bench/prune/results_profile.md was made with; its header has the exact command):
   python bench/prune/pass_profile.py --model smollm2-135m --nsamples 32 --seqlen 512 --baseline /tmp/main-old \\
@@ -25,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = [f"{d}{ts}" for d in ("float32", "bfloat16", "auto") for ts in ("", "+ts")]
+VARIANTS = [f"{d}{ts}{h}" for d in ("float32", "bfloat16", "auto") for ts in ("", "+ts") for h in ("", "+h16")]
 PHASES = [("capture", "capture forward"), ("forward-hessian", "layer forwards (dense, with hooks)"),
           ("hessian", "Hessian sums Σxxᵀ"), ("communication", "communication"),
           ("factor", "inverse-Hessian factorizations"), ("solve-factor", "column loops, masks, errors"),
@@ -72,6 +73,7 @@ def child(args) -> dict:
     calib = calibration_ids(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     extra = {"forward_dtype": args.forward_dtype} if args.forward_dtype != "float32" else {}  # older: neither
     extra.update({"true_sequential": True} if args.true_sequential else {})
+    extra.update({"hessian_dtype": args.hessian_dtype} if args.hessian_dtype != "float32" else {})
     cfg = sequential.PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, dtype=args.solver_dtype, **extra)
     load = os.getloadavg()[0]
     result = sequential.prune_model(model, calib, cfg)
@@ -79,7 +81,8 @@ def child(args) -> dict:
     if timed:
         seconds["factor"] = factor_seconds[0]
     row = {"package": str(Path(sequential.__file__).parents[2]), "seed": args.seed,
-           "forward_dtype": args.forward_dtype, "true_sequential": args.true_sequential, "seconds": result.seconds,
+           "forward_dtype": args.forward_dtype, "true_sequential": args.true_sequential,
+           "hessian_dtype": args.hessian_dtype, "seconds": result.seconds,
            "phases": seconds,
            "layer_seconds": result.layer_seconds, "load_before": load, "load_after": os.getloadavg()[0],
            "sparsity": result.masks.sparsity(), "error_sum": sum(s["error"] for s in result.stats)}
@@ -91,9 +94,9 @@ def child(args) -> dict:
 
 def spawn(args, package: str, seed: int, variant: str) -> dict:
     """`child` in a fresh process importing sparsegpt from `package` (a checkout's root), one `--variants` entry."""
-    forward_dtype, _, true_sequential = variant.partition("+")
-    argv = [*sys.argv[1:], "--seed", str(seed), "--forward-dtype", forward_dtype] + (["--true-sequential"] * bool(
-        true_sequential))
+    forward_dtype, *flags = variant.split("+")
+    argv = [*sys.argv[1:], "--seed", str(seed), "--forward-dtype", forward_dtype] + ["--true-sequential"] * (
+        "ts" in flags) + ["--hessian-dtype", "bfloat16"] * ("h16" in flags)
     env = {**os.environ, "PYTHONPATH": package, "OMP_NUM_THREADS": str(args.threads), "SPARSEGPT_NO_PROGRESS": "1"}
     done = subprocess.run([sys.executable, __file__, *argv, "--child"], env=env, stdout=subprocess.PIPE, text=True,
                           check=True)
@@ -165,7 +168,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds, each run per column")
     p.add_argument("--variants", nargs="+", default=["float32"], choices=VARIANTS,
                    help="this checkout's pass settings, a column each: the layer-forward precision "
-                        "(PruneConfig.forward_dtype), +ts for true_sequential (the baseline runs float32)")
+                        "(PruneConfig.forward_dtype), +ts for true_sequential, +h16 for bfloat16 Hessian products "
+                        "(hessian_dtype); the baseline runs float32")
     p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--eval-sources", nargs="*", default=["stdlib-docs", "debian-licenses"])
@@ -177,6 +181,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the child's
     p.add_argument("--forward-dtype", default="float32", help=argparse.SUPPRESS)  # the child's
     p.add_argument("--true-sequential", action="store_true", help=argparse.SUPPRESS)  # the child's
+    p.add_argument("--hessian-dtype", default="float32", help=argparse.SUPPRESS)  # the child's
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))

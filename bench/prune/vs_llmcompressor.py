@@ -132,7 +132,8 @@ def child_ours(work: Path, out: Path, args) -> dict:
     calib = load_calibration(work / "calib.pt")
     t1, w1 = time.process_time(), time.perf_counter()
     cfg = PruneConfig(method="sparsegpt", sparsity=SPARSITY, blocksize=BLOCKSIZE, percdamp=DAMP,
-                      forward_dtype=args.ours_forward_dtype, true_sequential=args.ours_true_sequential)
+                      forward_dtype=args.ours_forward_dtype, true_sequential=args.ours_true_sequential,
+                      hessian_dtype=args.ours_hessian_dtype)
     result = prune_model(model, calib, cfg, device="cpu")
     t2, w2 = time.process_time(), time.perf_counter()
     phases = result.world["ranks"][0]["seconds"]  # wall seconds per phase of the pass
@@ -140,7 +141,8 @@ def child_ours(work: Path, out: Path, args) -> dict:
            "process_cpu_s": process_cpu(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "threads": torch.get_num_threads(), "solve_wall_s": phases["solve"], "phases_wall_s": phases,
            "settings": {"batch_size": cfg.batch_size, "shared_hessian": cfg.shared_hessian, "dtype": cfg.dtype,
-                        "forward_dtype": cfg.forward_dtype, "true_sequential": cfg.true_sequential}}
+                        "forward_dtype": cfg.forward_dtype, "true_sequential": cfg.true_sequential,
+                        "hessian_dtype": cfg.hessian_dtype}}
     save_weights(model, out)
     return row
 
@@ -186,7 +188,8 @@ def run_child(side: str, work: Path, out: Path, args) -> dict:
         env.pop("PYTHONPATH", None)  # nothing of ours in their process
     cmd = [python, str(Path(__file__).resolve()), "--child", side, "--work", str(work), "--weights", str(out),
            "--llmc-batch-size", str(args.llmc_batch_size), "--llmc-dtype", args.llmc_dtype,
-           "--ours-forward-dtype", args.ours_forward_dtype] + ["--ours-true-sequential"] * args.ours_true_sequential
+           "--ours-forward-dtype", args.ours_forward_dtype, "--ours-hessian-dtype", args.ours_hessian_dtype] \
+        + ["--ours-true-sequential"] * args.ours_true_sequential
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -306,6 +309,7 @@ def bench(args) -> None:
               "load_average": {"start": loads[0], "end": loads[1]}, "venv_freeze": freeze, "dense": dense,
               "rows": rows, "runs": args.runs, "llmc_batch_size": args.llmc_batch_size, "llmc_dtype": args.llmc_dtype,
               "ours_forward_dtype": args.ours_forward_dtype, "ours_true_sequential": args.ours_true_sequential,
+              "ours_hessian_dtype": args.ours_hessian_dtype,
               "work": str(work)}
     history = json.loads(JSON_OUT.read_text()) if JSON_OUT.exists() else []
     history.append(record)
@@ -330,10 +334,12 @@ def section(rec: dict) -> list[str]:
     batch = rec.get("llmc_batch_size", 1)
     llmc_dtype, forward = rec.get("llmc_dtype", "float32"), rec.get("ours_forward_dtype", "float32")
     ours_batch = "all rows in one forward (true_sequential)" if rec.get("ours_true_sequential") else "8 rows"
+    hessian = rec.get("ours_hessian_dtype", "float32")
     cmd = f"--runs {rec['runs']}" + (f" --llmc-batch-size {batch}" if batch != 1 else "") \
         + (f" --llmc-dtype {llmc_dtype}" if llmc_dtype != "float32" else "") \
         + (f" --ours-forward-dtype {forward}" if forward != "float32" else "") \
-        + (" --ours-true-sequential" if rec.get("ours_true_sequential") else "")
+        + (" --ours-true-sequential" if rec.get("ours_true_sequential") else "") \
+        + (f" --ours-hessian-dtype {hessian}" if hessian != "float32" else "")
     lines = [
         f"## {rec['date'][:16].replace('T', ' ')} UTC: `{cmd}`", "",
         f"- commit {rec['commit']}; machine: {m['cpu']}, {m['cores']} cores, flags of note: {flags}"
@@ -344,7 +350,8 @@ def section(rec: dict) -> list[str]:
         f"llmcompressor {freeze.get('llmcompressor', '?')}, torch {freeze.get('torch', '?')}, transformers "
         f"{freeze.get('transformers', '?')}, compressed-tensors {freeze.get('compressed-tensors', '?')}",
         f"- calibration batch: ours {ours_batch}, "
-        f"llm-compressor {batch}; precision: ours float32 weights with forward_dtype {forward}, llm-compressor's "
+        f"llm-compressor {batch}; precision: ours float32 weights with forward_dtype {forward} and "
+        f"hessian_dtype {hessian}, llm-compressor's "
         f"model loaded in {llmc_dtype}", "",
         "| run | side | prune CPU s | process CPU s | child CPU s | prune wall s | ratio ours/theirs (prune CPU) "
         f"| solve wall s | sparsity | ppl {EVAL_SOURCES[0]} | ppl {EVAL_SOURCES[1]} | peak RSS MB | load (1 min) |",
@@ -440,6 +447,8 @@ def main() -> None:
                         help="llm-compressor's calibration batch (default 1, its own default; ours is 8)")
     parser.add_argument("--ours-forward-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                         help="our pass's layer-forward precision (PruneConfig.forward_dtype; default float32)")
+    parser.add_argument("--ours-hessian-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="our Hessian products (PruneConfig.hessian_dtype; default float32)")
     parser.add_argument("--ours-true-sequential", action="store_true",
                         help="our pass with true_sequential (one forward per layer; PruneConfig.true_sequential)")
     parser.add_argument("--llmc-dtype", default="float32", choices=["float32", "bfloat16"],

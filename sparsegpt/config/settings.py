@@ -95,6 +95,7 @@ class PruneSettings(_Strict):
     shared_hessian: bool = True  # linears that read one input share one Hessian, inverse and column loop
     dtype: Literal["float32", "float64"] = "float32"  # the solver's compute dtype; the model keeps its own
     forward_dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # layer forwards' autocast (core.precision)
+    hessian_dtype: Literal["float32", "bfloat16"] = "float32"  # per-sequence Hessian products (solver.add_gram_)
     prune_router: bool = False  # MoE routers (gates) stay dense unless asked
     prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
     min_expert_tokens: int | None = Field(None, ge=0)  # fewer routed tokens: pooled Hessian mixed in (None: width)

@@ -176,6 +176,12 @@ def module_device(module: nn.Module, default: torch.device | str = "cpu") -> tor
     return torch.device(default) if param is None else param.device
 
 
+def synchronize(device) -> None:
+    """Wait for queued kernels so wall-clock timings are honest on CUDA."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def progress_disabled() -> bool:
     """Whether tqdm bars are off (SPARSEGPT_NO_PROGRESS=1: logs and tests)."""
     return os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"

@@ -47,6 +47,7 @@ from sparsegpt.prune.capture import (
     progress_disabled,
     release,
     run_layer,
+    synchronize,
 )
 from sparsegpt.prune.distributed import RankPass
 from sparsegpt.prune.experts import ExpertHessians, solve_by_chunks
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "owl")
 SOLVER_DTYPES = ("float32", "float64")
+HESSIAN_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -80,6 +82,7 @@ class PruneConfig:
     shared_hessian: bool = True
     dtype: str = "float32"
     forward_dtype: str = "float32"  # the layer forwards' autocast: float32 / bfloat16 / auto (core.precision)
+    hessian_dtype: str = "float32"  # the per-sequence Hessian products (solver.add_gram_); bfloat16: opt-in, rounded
     prune_router: bool = False          # MoE routers (gates) are left dense unless asked
     prune_shared_experts: bool = False  # always-active shared experts (Qwen2-MoE) likewise
     min_expert_tokens: int | None = None  # fewer routed tokens: Hessian topped up with the pooled one (None: width)
@@ -106,8 +109,10 @@ class PruneConfig:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         compile_filter(self.include, "include")
         compile_filter(self.exclude, "exclude")
-        if self.dtype not in SOLVER_DTYPES:
-            raise UserError(f"solver dtype {self.dtype!r} is unknown; choose one of {list(SOLVER_DTYPES)}")
+        for what, value, allowed in (("solver dtype", self.dtype, SOLVER_DTYPES),
+                                     ("hessian_dtype", self.hessian_dtype, HESSIAN_DTYPES)):
+            if value not in allowed:
+                raise UserError(f"{what} {value!r} is unknown; choose one of {list(allowed)}")
         resolve_forward_dtype(self.forward_dtype, torch.float32)
         if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
             raise UserError(f"min_expert_tokens must be >= 0 (or None for each matrix's input width), "
@@ -153,12 +158,6 @@ class LayerAccess:
         pass
 
 
-def _synchronize(device) -> None:
-    """Wait for queued kernels so wall-clock timings are honest on CUDA."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, ...], ...],
                   share: bool) -> list[list[str]]:
     """Group a layer's linears by shared input (family table), each remaining linear alone."""
@@ -172,7 +171,7 @@ def _input_groups(names: list[str], layer_prefix: str, shared: tuple[tuple[str, 
 
 
 def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *, diag_only: bool,
-                min_expert_tokens=None, outputs_to=None, store_to=None, autocast=None
+                min_expert_tokens=None, outputs_to=None, store_to=None, autocast=None, products=None
                 ) -> tuple[dict[str, Tensor], dict[str, dict], list[LayerBatch], ExpertHessians]:
     """One forward of layer `index` with a pre-hook per input group (per fused experts module for expert
     matrices); returns per group leader H = 2/N Σ xxᵀ (one product per sequence, summed in float64 over all ranks'
@@ -199,7 +198,7 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
                 if diag_only:
                     sums[leader] += args[0].reshape(-1, args[0].shape[-1]).double().square().sum(0)
                 else:
-                    add_gram_(sums[leader], args[0])
+                    add_gram_(sums[leader], args[0], dtype=products)
                 counts[leader] += args[0].numel() // args[0].shape[-1]
             calls.append(leader)
             if last == [leader]:
@@ -343,6 +342,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
     _check_base_masks(base_masks, per_layer, model)
     autocast, why = resolve_forward_dtype(cfg.forward_dtype, weights := next(layers[0].parameters()).dtype)
     run.forward_dtype = str(autocast or weights).removeprefix("torch.")
+    products = torch.bfloat16 if cfg.hessian_dtype == "bfloat16" else None  # None: x's dtype widened to float32
     log.info("layer forwards in %s (forward_dtype %s: %s)", run.forward_dtype, cfg.forward_dtype, why)
     was_training = model.training
     model.eval()
@@ -377,13 +377,13 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
             if groups and cfg.true_sequential:  # the forward solves each group and yields the pruned outputs
                 out = forward_solving(layer, i, calib[0], linears, groups, dev, run, masks, stats, lambda g, h, n, o:
                                       _solve_group(g, linears, h, n, targets[i], cfg, base_masks, i, masks, o,
-                                                   run.timing), autocast)
+                                                   run.timing), autocast, products)
                 calib = [replace(calib[0], hidden=out.to(store_device, calib[0].hidden.dtype))]
             elif groups:  # a layer the include/exclude filters left empty is only propagated
                 outs_to = store_device if rec and rec.from_pruned else None
                 hessians, info, outs, moe = _accumulate(layer, i, calib, linears, groups, dev, run, diag_only=False,
                                                         min_expert_tokens=cfg.min_expert_tokens, outputs_to=outs_to,
-                                                        store_to=store_device, autocast=autocast)
+                                                        store_to=store_device, autocast=autocast, products=products)
                 if rec is not None:
                     with run.timing("reconstruct"):
                         dense = rec.targets(layer, i, calib, outs, dev, store_device)
@@ -407,7 +407,7 @@ def prune_model(model: nn.Module, calib_ids: Tensor, cfg: PruneConfig, *, base_m
                         [replace(b, hidden=o) for b, o in zip(calib, kept)]
             release(calib, i)
             layer.to(home)
-            _synchronize(dev)
+            synchronize(dev)
             with run.timing("io"):
                 access.leave(i, layer, pruned=True)
             layer_seconds.append(time.perf_counter() - t0)

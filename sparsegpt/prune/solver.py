@@ -189,7 +189,7 @@ def prune_matrix(weight: Tensor, hessian: Tensor, sparsity: float, *, prune_n: i
                              base_mask=base_mask, dtype=dtype)
 
 
-def add_gram_(total: Tensor, x: Tensor, *, block: int = GRAM_BLOCK) -> Tensor:
+def add_gram_(total: Tensor, x: Tensor, *, block: int = GRAM_BLOCK, dtype: torch.dtype | None = None) -> Tensor:
     """total += Σ_t x_t x_tᵀ over the tokens of x (..., seqlen, cols) in place; total is float64 (cols, cols).
 
     One product per sequence (each slice along the leading dims; a 2-D x is one sequence) in x's dtype widened to at
@@ -198,11 +198,15 @@ def add_gram_(total: Tensor, x: Tensor, *, block: int = GRAM_BLOCK) -> Tensor:
     sequence's product depends only on that sequence, so the total does not depend on how sequences are batched
     (bit for bit) or split over ranks (up to the float64 order of the rank sums) — as summing float64 copies of x
     did, at a quarter of its cost (float64 GEMMs run at half the float32 rate and need the copy). A float32
-    product over s tokens is within ~s·2⁻²⁴ of exact (relative to Σ|x||x|); H is cast to float32 for the solve."""
+    product over s tokens is within ~s·2⁻²⁴ of exact (relative to Σ|x||x|); H is cast to float32 for the solve.
+    `dtype` bfloat16 (`PruneConfig.hessian_dtype`, opt-in) multiplies in bf16 instead: torch's CPU GEMMs return bf16,
+    so each sequence's product is rounded to 8 mantissa bits (~2⁻⁹ relative) before the float64 sum; 2.5× faster
+    Hessian sums on an AVX512-BF16 CPU, at the cost of an H that can be indefinite by more than 1 % damping covers
+    (the solver's retries double it; bench/RESULTS.md has the measured effect)."""
     cols = x.shape[-1]
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = dtype or torch.promote_types(x.dtype, torch.float32)
     starts = range(0, cols, block)
-    with torch.autocast(x.device.type, enabled=False):  # called from hooks inside autocast forwards: stay float32
+    with torch.autocast(x.device.type, enabled=False):  # called from hooks inside autocast forwards: stay `compute`
         for seq in x.reshape(-1, x.shape[-2], cols) if x.ndim > 2 else x.unsqueeze(0):
             seq = seq.to(compute)
             for b in starts:

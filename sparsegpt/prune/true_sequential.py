@@ -35,7 +35,8 @@ SolveWithHessian = Callable[[list[str], dict[str, Tensor], dict[str, dict], list
 
 def forward_solving(layer: nn.Module, index: int, batch: LayerBatch, linears: dict[str, nn.Module],
                     groups: list[list[str]], device, run: RankPass, masks: dict, stats: list[dict],
-                    solve: SolveWithHessian, autocast: torch.dtype | None = None) -> Tensor:
+                    solve: SolveWithHessian, autocast: torch.dtype | None = None,
+                    products: torch.dtype | None = None) -> Tensor:
     """Run layer `index` once over `batch`, solving each group of `linears` when the first of its members is
     called; return the layer's (pruned) outputs. `stats` and `masks` end in the order of `groups`, as from
     `RankPass.solve_layer` over the whole layer."""
@@ -51,7 +52,7 @@ def forward_solving(layer: nn.Module, index: int, batch: LayerBatch, linears: di
         x = args[0]
         cols = x.shape[-1]
         with run.timing("hessian"):
-            total = add_gram_(torch.zeros(cols, cols, dtype=torch.float64, device=x.device), x)
+            total = add_gram_(torch.zeros(cols, cols, dtype=torch.float64, device=x.device), x, dtype=products)
         counts = run.reduce({group[0]: total}, {group[0]: x.numel() // cols}, no_experts)
         hessians = {group[0]: total.mul_(2.0 / counts[group[0]]).float()}
         del total
