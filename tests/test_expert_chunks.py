@@ -8,11 +8,11 @@ experts (transformers converts their stored tensors on load), so it never chunks
 
 from __future__ import annotations
 
+import allocations
 import pytest
 import torch
 import transformers as T
 from test_families import BATCH, MOE_KINDS, calib, one_thread, tiny_model  # noqa: F401 (autouse fixture)
-from torch.profiler import ProfilerActivity, profile
 
 from sparsegpt.config.recipe import Recipe
 from sparsegpt.core.architectures import decoder_layers
@@ -70,16 +70,7 @@ def peak_bytes(experts_count: int, chunk: int, monkeypatch) -> int:
     the torch CPU allocator's allocations and frees during `prune_model`, as the profiler records them."""
     monkeypatch.setattr(experts, "HESSIAN_BUDGET", chunk * EXPERT, raising=False)
     model, ids = many_experts(experts_count), calib()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        prune_model(model, ids, PruneConfig(sparsity=0.5, batch_size=BATCH))
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    assert events, "the profiler recorded no allocation"
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    return allocations.peak_bytes(lambda: prune_model(model, ids, PruneConfig(sparsity=0.5, batch_size=BATCH)))
 
 
 def test_peak_memory_follows_the_chunk_not_the_expert_count(monkeypatch):

@@ -165,7 +165,7 @@ def test_memory_estimate_follows_a_measured_pass():
     allocator handed out (profiler memory events) in a true-sequential pass minus the default pass's at batch 4 of
     16 rows, whose transients the estimate leaves out: 3/4 of the term. Measured 2026-12-06 on a 2-layer Llama:
     +2.90 MB against 3/4 of the 4.19 MB term."""
-    from torch.profiler import ProfilerActivity, profile
+    from allocations import peak_bytes
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sparsegpt.config.recipe import Recipe
@@ -178,14 +178,8 @@ def test_memory_estimate_follows_a_measured_pass():
     def peak(true_sequential: bool) -> int:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            prune_model(model, ids, PruneConfig(sparsity=0.7, batch_size=4, true_sequential=true_sequential))
-        live = most = 0
-        for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                            key=lambda e: e.start_ns()):
-            live += event.nbytes()
-            most = max(most, live)
-        return most
+        return peak_bytes(lambda: prune_model(model, ids, PruneConfig(sparsity=0.7, batch_size=4,
+                                                                       true_sequential=true_sequential)))
 
     measured = peak(True) - peak(False)
     recipe = Recipe.model_validate({
