@@ -10,9 +10,10 @@ sums; its factorizations are timed by wrapping `inverse_hessian_factor`). `--var
 per setting (`PruneConfig.forward_dtype`, `+ts`: `true_sequential`, `+h16`: `hessian_dtype` bfloat16),
 `--seeds` each column once per calibration seed.
 
-example (what bench/prune/results_profile.md was made with; its header has the exact command):
-  python bench/prune/pass_profile.py --model smollm2-135m --nsamples 32 --seqlen 512 --baseline /tmp/main-old \\
-      --out bench/prune/results_profile.md
+example (what bench/prune/results_pass_speed.md was made with, c54bed9 extracted with `git archive` into
+/tmp/basec54; each results file's header has its exact command):
+  python bench/prune/pass_profile.py --threads 1 --baseline /tmp/basec54 \\
+      --variants float32 float32+ts bfloat16+ts --seeds 0 1 2 3 --out bench/prune/results_pass_speed.md
 """
 
 from __future__ import annotations
