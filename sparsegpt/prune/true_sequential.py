@@ -10,8 +10,9 @@ the pruned weights, so its output is the pruned layer's: the next layer's inputs
 Cost and memory: one forward per layer; the forward's activations for all of the rank's calibration rows at once
 (`batch_size` does not apply; the estimator counts them). Ranks: each group's Hessian is all-reduced inside the
 hook and the group is solved by one rank and broadcast (`RankPass.solve_layer`), so a rank waits while another
-solves. Refused (`PruneConfig.validate`) with fused MoE experts (a down projection's input lives inside the experts
-call) and with layer-wise reconstruction (it trains towards the dense layer's outputs, which this pass never runs).
+solves. Refused before the pass starts with fused MoE experts (a down projection's input lives inside the experts
+call: `check_true_sequential`) and with layer-wise reconstruction (it trains towards the dense layer's outputs,
+which this pass never runs: `PruneConfig.validate`, and the recipe's `PruneSettings`).
 """
 
 from __future__ import annotations
