@@ -15,7 +15,8 @@
 #                    teacher forward, enforcer host<->device copies and time per step (5)
 #   eval torchrun    `torchrun --nproc_per_node 1 -m sparsegpt.cli eval` (the process-group path of 8f)
 #   prune torchrun   `torchrun --nproc_per_node 1 -m sparsegpt.cli prune` (NCCL group, 12 h timeout: 2), its layer
-#                    forwards under bf16 autocast (--forward-dtype auto on a bf16 GPU; issue 23)
+#                    forwards under bf16 autocast, one forward a layer (--forward-dtype auto --true-sequential:
+#                    bf16 on a bf16 GPU, the all-reduce and solve inside the hooks under NCCL; issue 23)
 #   pytest -m gpu    the CUDA-marked tests (the 2:4 one in tests/test_compact.py)
 #   2:4 kernels      `bench/inference/inference.py --gpu`: to_sparse_semi_structured vs dense timing
 #   progressive      bf16, ZeRO-3 on ONE process, KD from the dense model, 2 small stages (50 % then 70 %),
@@ -157,7 +158,7 @@ grep '^CHECK' "$WORK/issue24.txt" 2>/dev/null | sed 's/^/  /' >>"$SUMMARY" || su
 step "eval under torchrun x1" 30 python -m torch.distributed.run --nproc_per_node 1 -m sparsegpt.cli eval --model "$MODEL_PATH" \
     --ppl stdlib-docs --seqlen 128 --max-windows 8 --out "$WORK/eval.json"
 step "prune under torchrun x1" 50 python -m torch.distributed.run --nproc_per_node 1 -m sparsegpt.cli prune --model "$MODEL_PATH" \
-    --sparsity 0.5 --calib stdlib-docs --nsamples 8 --seqlen 128 --forward-dtype auto --out "$WORK/pruned"
+    --sparsity 0.5 --calib stdlib-docs --nsamples 8 --seqlen 128 --forward-dtype auto --true-sequential --out "$WORK/pruned"
 
 # --- (iv) CUDA tests and the 2:4 kernels -----------------------------------------------------------------------------------
 step "pytest -m gpu" 25 python -m pytest -q -m gpu tests/
