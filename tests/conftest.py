@@ -30,6 +30,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def cpu_with(monkeypatch, tmp_path):
+    """cpu_with("avx512f avx512_bf16") -> this process sees a 2-CPU machine with those flags and no CUDA
+    (`core.precision` reads the flags from the file it is pointed at)."""
+    from sparsegpt.core import precision
+
+    def make(flags: str):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 {flags}\n")
+        monkeypatch.setattr(precision, "CPUINFO", info)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        precision.cpu_flags.cache_clear()
+    yield make
+    precision.cpu_flags.cache_clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sparsegpt_cache(tmp_path_factory):
     """Point SPARSEGPT_CACHE at a per-session folder so tests never read or write ~/.cache/sparsegpt."""

@@ -13,23 +13,10 @@ from torch import nn
 from sparsegpt.cli import main
 from sparsegpt.config.recipe import to_dataclass
 from sparsegpt.config.settings import PruneSettings
-from sparsegpt.core import precision
 from sparsegpt.core.architectures import prunable_linears, weight_as_linear
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.precision import resolve_forward_dtype
 from sparsegpt.prune.sequential import PruneConfig, prune_model
-
-
-@pytest.fixture
-def cpu_with(monkeypatch, tmp_path):
-    def make(flags: str):
-        info = tmp_path / "cpuinfo"
-        info.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
-        monkeypatch.setattr(precision, "CPUINFO", info)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        precision.cpu_flags.cache_clear()
-    yield make
-    precision.cpu_flags.cache_clear()
 
 
 @pytest.mark.parametrize("flags, expected", [("avx2 amx_bf16", torch.bfloat16), ("avx512f avx512_bf16", torch.bfloat16),

@@ -25,18 +25,6 @@ from sparsegpt.heal.lora import LoraSettings
 from sparsegpt.run.configs import with_mixed_precision
 
 
-@pytest.fixture
-def cpu_with(monkeypatch, tmp_path):
-    def make(flags: str):
-        info = tmp_path / "cpuinfo"
-        info.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 {flags}\n")
-        monkeypatch.setattr(precision, "CPUINFO", info)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        precision.cpu_flags.cache_clear()
-    yield make
-    precision.cpu_flags.cache_clear()
-
-
 @pytest.mark.parametrize("flags", ["avx2 amx_bf16 amx_tile", "avx512f avx512_bf16", "avx2 avx512f", ""])
 def test_auto_keeps_fp32_on_every_cpu_and_says_why(cpu_with, flags):
     cpu_with(flags)
