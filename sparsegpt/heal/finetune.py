@@ -18,6 +18,7 @@ from sparsegpt.core.errors import UserError
 from sparsegpt.core.failpoints import failpoint
 from sparsegpt.core.masks import MaskSet
 from sparsegpt.core.precision import check_master_weights
+from sparsegpt.core.progress import progress_disabled
 from sparsegpt.core.signals import Preempted, stop_point
 from sparsegpt.core.world import World
 from sparsegpt.heal.checkpoint import resume, save_checkpoint
@@ -176,7 +177,7 @@ def _train(engine: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tenso
     """The optimizer-step loop from step `start` to cfg.steps."""
     order = DataOrder(train_ids.shape[0], cfg.seed)
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * accelerator.num_processes * train_ids.shape[1]
-    no_bar = not accelerator.is_main_process or os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
+    no_bar = not accelerator.is_main_process or progress_disabled()
     with tqdm(total=cfg.steps, initial=start, desc="finetune", disable=no_bar) as bar:
         engine.train()
         step_seconds = []

@@ -10,7 +10,6 @@ Tensors the model shares between layers (one mask for all full-attention layers)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -21,6 +20,7 @@ from transformers.cache_utils import Cache
 
 from sparsegpt.core.architectures import decoder_layers, final_modules
 from sparsegpt.core.errors import UserError
+from sparsegpt.core.progress import progress_disabled
 
 
 @dataclass
@@ -180,11 +180,6 @@ def synchronize(device) -> None:
     """Wait for queued kernels so wall-clock timings are honest on CUDA."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def progress_disabled() -> bool:
-    """Whether tqdm bars are off (SPARSEGPT_NO_PROGRESS=1: logs and tests)."""
-    return os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
 
 
 @torch.no_grad()

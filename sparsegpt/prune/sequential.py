@@ -35,6 +35,7 @@ from sparsegpt.core.errors import UserError
 from sparsegpt.core.failpoints import failpoint
 from sparsegpt.core.masks import MaskSet, PackedMasks
 from sparsegpt.core.precision import resolve_forward_dtype
+from sparsegpt.core.progress import progress_disabled
 from sparsegpt.core.signals import stop_point
 from sparsegpt.core.world import World, agree
 from sparsegpt.prune import allocation
@@ -44,7 +45,6 @@ from sparsegpt.prune.capture import (
     capture_layer_inputs,
     forward_layer,
     module_device,
-    progress_disabled,
     release,
     run_layer,
     synchronize,

@@ -30,6 +30,7 @@ from sparsegpt.core import masks as mask_io
 from sparsegpt.core.architectures import prunable_linears
 from sparsegpt.core.atomic import write_dir_atomically
 from sparsegpt.core.errors import UserError
+from sparsegpt.core.progress import progress_disabled
 from sparsegpt.storage.compact_codec import (
     _CODES,
     _WEIGHT_FILES,
@@ -50,10 +51,6 @@ from sparsegpt.storage.compact_codec import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _progress_disabled() -> bool:
-    return os.environ.get("SPARSEGPT_NO_PROGRESS") == "1"
 
 
 # -- one weight ---------------------------------------------------------------------------------------------------
@@ -134,7 +131,7 @@ def _write_compact(folder: Path, items: list[_Item], max_shard_bytes: int, summa
     """All shards and the index into `folder`."""
     groups = _shard_groups(items, max_shard_bytes)
     weight_map = {}
-    with tqdm(total=len(items), desc="export compact", disable=_progress_disabled()) as bar:
+    with tqdm(total=len(items), desc="export compact", disable=progress_disabled()) as bar:
         for i, group in enumerate(groups):
             shard = SHARD_NAME.format(i + 1, len(groups))
             _write_shard(folder / shard, group, bar)
