@@ -38,7 +38,7 @@ from sparsegpt.core.precision import FORWARD_DTYPES
 from sparsegpt.core.world import World, agree, joined
 from sparsegpt.core.world import rank_device as _device  # --device: under a launch, cuda is this rank's GPU
 from sparsegpt.prune.reconstruct import ReconstructConfig
-from sparsegpt.prune.sequential import PruneConfig, prune_model
+from sparsegpt.prune.sequential import HESSIAN_DTYPES, PruneConfig, prune_model
 from sparsegpt.prune.streaming import prune_streamed
 from sparsegpt.storage.models import check_model, load_model, load_tokenizer, local_folder, save_model
 
@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--dtype", default="auto", help="model weight dtype: auto, float32, bfloat16, float16")
     p.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"], help="SparseGPT math dtype")
-    p.add_argument("--hessian-dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--hessian-dtype", default="float32", choices=list(HESSIAN_DTYPES),
                    help="the per-sequence Hessian products: float32 (default), or bfloat16 GEMMs whose products are "
                         "rounded to bf16 before the float64 sum (faster on AVX512-BF16/AMX; measured in RESULTS.md)")
     p.add_argument("--true-sequential", action="store_true",
