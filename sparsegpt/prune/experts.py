@@ -44,6 +44,7 @@ from sparsegpt.core.architectures import ExpertLinear, fused_expert_params, line
 from sparsegpt.core.errors import UserError
 from sparsegpt.core.world import World
 from sparsegpt.prune.distributed import RankPass, all_reduce_, all_reduce_ints
+from sparsegpt.prune.solver import never_ran
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,7 @@ class ExpertHessians:
         """Per matrix name {tokens, expert, pooled_weight} (from the reduced counts); logs the topped-up ones."""
         silent = [name for name, m in self.matrices.items() if not self.calls[id(m.experts)]]
         if silent:
-            raise UserError(f"{silent[0]} never ran in the decoder layer's forward; exclude it (--exclude) "
-                            "or report the architecture")
+            raise never_ran(silent[:1])
         info = {}
         for name, m in self.matrices.items():
             tokens, need = self.counts[(id(m.experts), m.param)][m.index], self._need(m, min_tokens)

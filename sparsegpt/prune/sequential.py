@@ -52,7 +52,13 @@ from sparsegpt.prune.capture import (
 from sparsegpt.prune.distributed import RankPass
 from sparsegpt.prune.experts import ExpertHessians, solve_by_chunks
 from sparsegpt.prune.reconstruct import ReconstructConfig, Reconstructor, as_config, row_pieces
-from sparsegpt.prune.solver import add_gram_, inverse_hessian_factor, prune_group_with_factor, reconstruction_error
+from sparsegpt.prune.solver import (
+    add_gram_,
+    hessians_from_sums,
+    inverse_hessian_factor,
+    prune_group_with_factor,
+    reconstruction_error,
+)
 from sparsegpt.prune.true_sequential import check_true_sequential, forward_solving
 
 log = logging.getLogger(__name__)
@@ -222,15 +228,9 @@ def _accumulate(layer, index, batches, linears, groups, device, run: RankPass, *
     finally:
         for h in handles:
             h.remove()
-    counts = run.reduce(sums, counts, experts)
-    silent = [k for k in sums if not counts[k]]
-    if silent:
-        raise UserError(f"{', '.join(silent)} never ran in the decoder layer's forward; exclude it (--exclude) "
-                        "or report the architecture")
-    info = experts.info(min_expert_tokens)
-    hessians = {} if experts.chunked else experts.result(min_expert_tokens)
-    info.update({k: {"tokens": counts[k], "expert": None, "pooled_weight": 0.0} for k in sums})
-    hessians.update({k: sums.pop(k).mul_(2.0 / counts[k]).float() for k in list(sums)})  # one float64 sum at a time
+    dense, dense_info = hessians_from_sums(sums, run.reduce(sums, counts, experts))
+    info = experts.info(min_expert_tokens) | dense_info
+    hessians = ({} if experts.chunked else experts.result(min_expert_tokens)) | dense
     return hessians, info, outputs, experts
 
 

@@ -218,6 +218,23 @@ def add_gram_(total: Tensor, x: Tensor, *, block: int = GRAM_BLOCK, dtype: torch
     return total
 
 
+def never_ran(leaders: list[str]) -> UserError:
+    """The error for linears the decoder layer's forward never called (no Hessian can be built for them)."""
+    return UserError(f"{', '.join(leaders)} never ran in the decoder layer's forward; exclude it (--exclude) or "
+                     "report the architecture")
+
+
+def hessians_from_sums(sums: dict[str, Tensor], counts: dict[str, int]) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """Per group leader of a layer, H = 2/N Σxxᵀ in float32 from its (all-reduced) float64 sum, popped from `sums` so
+    one float64 sum is converted at a time, and its stats {tokens: N, expert: None, pooled_weight: 0}; UserError
+    naming the leaders whose linears never ran in the layer's forward (N = 0)."""
+    silent = [k for k in sums if not counts[k]]
+    if silent:
+        raise never_ran(silent)
+    info = {k: {"tokens": counts[k], "expert": None, "pooled_weight": 0.0} for k in sums}
+    return {k: sums.pop(k).mul_(2.0 / counts[k]).float() for k in list(sums)}, info
+
+
 def reconstruction_error(w_old: Tensor, w_new: Tensor, hessian: Tensor) -> float:
     """Layer-wise squared error on the calibration set: trace((W_old - W_new) H (W_old - W_new)^T). A statistic
     (logged, summed in reports): the product runs in the inputs' dtype widened to at least float32 (relative error

@@ -28,7 +28,7 @@ from sparsegpt.core.errors import UserError
 from sparsegpt.prune.capture import LayerBatch, forward_layer
 from sparsegpt.prune.distributed import RankPass
 from sparsegpt.prune.experts import ExpertHessians
-from sparsegpt.prune.solver import add_gram_
+from sparsegpt.prune.solver import add_gram_, hessians_from_sums, never_ran
 
 # (group, hessians by leader, info by leader, stats out): prunes the group in place and fills the masks
 SolveWithHessian = Callable[[list[str], dict[str, Tensor], dict[str, dict], list[dict]], None]
@@ -54,10 +54,9 @@ def forward_solving(layer: nn.Module, index: int, batch: LayerBatch, linears: di
         cols = x.shape[-1]
         with run.timing("hessian"):
             total = add_gram_(torch.zeros(cols, cols, dtype=torch.float64, device=x.device), x, dtype=products)
-        counts = run.reduce({group[0]: total}, {group[0]: x.numel() // cols}, no_experts)
-        hessians = {group[0]: total.mul_(2.0 / counts[group[0]]).float()}
+        sums = {group[0]: total}
         del total
-        info = {group[0]: {"tokens": counts[group[0]], "expert": None, "pooled_weight": 0.0}}
+        hessians, info = hessians_from_sums(sums, run.reduce(sums, {group[0]: x.numel() // cols}, no_experts))
         solved[group[0]] = []
         run.solve_layer([group], linears, masks, solved[group[0]],
                         lambda g, out: solve(g, hessians, info, out), load)
@@ -75,8 +74,7 @@ def forward_solving(layer: nn.Module, index: int, batch: LayerBatch, linears: di
     run.seconds["forward"] += time.perf_counter() - start - inside
     silent = [g[0] for g in groups if g[0] not in solved]
     if silent:
-        raise UserError(f"{', '.join(silent)} never ran in the decoder layer's forward; exclude it (--exclude) "
-                        "or report the architecture")
+        raise never_ran(silent)
     stats.extend(entry for group in groups for entry in solved[group[0]])
     for name in (name for group in groups for name in group):  # the groups' order on every rank
         masks[name] = masks.pop(name)
